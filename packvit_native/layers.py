@@ -1,0 +1,159 @@
+"""Building blocks of the one pre-norm transformer block.
+
+Everything here is pointwise on the packed ``[T, D]`` tensor except attention, which alone knows segment
+boundaries (through :class:`~packvit_native.packing.Segments`). Optional parts (layer scale, biases) become
+identities or zero-free linears, so ``Block.forward`` is two residual lines with no branches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import varlen_attention
+from .config import EncoderConfig
+from .packing import Segments
+
+__all__ = ["Attention", "Block", "BlockContext", "LayerScale", "Mlp", "RMSNorm", "SwiGLU", "make_norm"]
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": _gelu_tanh,
+    "silu": F.silu,
+    "quick_gelu": _quick_gelu,
+}
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in fp32 whatever the input dtype, as AIMv2's reference does, then cast back."""
+
+    def __init__(self, dim: int, eps: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: EncoderConfig, device=None, dtype=None) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps, device=device, dtype=dtype)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, device=device, dtype=dtype)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float = 1.0, device=None, dtype=None) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    """fc1 -> activation -> fc2."""
+
+    def __init__(self, config: EncoderConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        d, h, bias = config.hidden_size, config.mlp_hidden, config.mlp_bias
+        self.fc1 = nn.Linear(d, h, bias=bias, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(h, d, bias=bias, device=device, dtype=dtype)
+        self.act = ACTIVATIONS[config.activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))``, with gate and up fused into one linear (gate rows first)."""
+
+    def __init__(self, config: EncoderConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        d, h, bias = config.hidden_size, config.mlp_hidden, config.mlp_bias
+        self.gate_up = nn.Linear(d, 2 * h, bias=bias, device=device, dtype=dtype)
+        self.down = nn.Linear(h, d, bias=bias, device=device, dtype=dtype)
+        self.act = ACTIVATIONS[config.activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, h] each
+        return self.down(self.act(gate) * up)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockContext:
+    """What every block of one forward shares, computed once before the layer loop.
+
+    Attributes:
+        segments: segment boundaries of the packed sequence.
+        backend: concrete attention backend name.
+        rope: ``(cos, sin)`` each ``[T, 1, head_dim]`` in the activation dtype, or ``None``.
+    """
+
+    segments: Segments
+    backend: str
+    rope: tuple[Tensor, Tensor] | None = None
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` ``[T, H, Dh]`` by angles whose cos/sin are ``[T, 1, Dh]`` (halves layout)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused q/k/v projection and varlen attention over segments."""
+
+    def __init__(self, config: EncoderConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(d, 3 * d, bias=config.qkv_bias, device=device, dtype=dtype)
+        self.proj = nn.Linear(d, d, bias=config.proj_bias, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, ctx: BlockContext) -> Tensor:
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # [T, 3, H, Dh]
+        q, k, v = qkv.unbind(1)  # [T, H, Dh] each
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        out = varlen_attention(q, k, v, ctx.segments, ctx.segments, ctx.backend, self.scale)  # [T, H, Dh]
+        return self.proj(out.flatten(1))  # [T, D]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
+
+    def __init__(self, config: EncoderConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = make_norm(config, **dd)
+        self.attn = Attention(config, **dd)
+        self.ls1 = LayerScale(config.hidden_size, **dd) if config.layer_scale else nn.Identity()
+        self.norm2 = make_norm(config, **dd)
+        self.mlp = SwiGLU(config, **dd) if config.mlp == "swiglu" else Mlp(config, **dd)
+        self.ls2 = LayerScale(config.hidden_size, **dd) if config.layer_scale else nn.Identity()
+
+    def forward(self, x: Tensor, ctx: BlockContext) -> Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), ctx))
+        return x + self.ls2(self.mlp(self.norm2(x)))

@@ -1,0 +1,171 @@
+"""Packing metadata: everything a forward needs to know about where each image sits in the packed sequence.
+
+A batch of ``B`` entries described by ``grid_thw`` (frames, rows, columns in patches) becomes one sequence.
+Every frame of every entry is its own attention *segment*; each segment holds the family's prefix tokens
+(CLS, registers) followed by that frame's patches in row-major order::
+
+    [p0 .. pk-1 | patches of frame 0] [p0 .. pk-1 | patches of frame 1] ...
+
+All of it is built once per forward, before the layer loop, from host-side integers: ``cu_seqlens`` is int32,
+``max_seqlen`` a Python int, and the index tensors are made on the CPU and copied to the device without
+waiting, so a forward whose ``grid_thw`` lives on the CPU makes no host-device synchronisation. Blocks then
+reuse the same metadata instead of recomputing it (or reading ``max_seqlen`` back from the GPU) per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Packing", "Segments", "validate_grid_thw"]
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy a freshly built CPU tensor to ``device`` without making the host wait for the GPU."""
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+@dataclass(frozen=True, eq=False)
+class Segments:
+    """Boundaries of variable-length segments in a packed sequence.
+
+    Attributes:
+        cu_seqlens: int32 ``[S + 1]`` cumulative lengths, on the model's device (what varlen kernels take).
+        max_seqlen: the longest segment, a Python int, so no kernel launch has to read it back from the GPU.
+        lengths: host-side segment lengths, for the per-segment reference attention and shape bookkeeping.
+    """
+
+    cu_seqlens: Tensor
+    max_seqlen: int
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def from_lengths(cls, lengths: tuple[int, ...], device: torch.device) -> Segments:
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
+        return cls(_to_device(cu, device), max(lengths), lengths)
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+
+def validate_grid_thw(grid_thw: Tensor | list | tuple) -> tuple[tuple[int, int, int], ...]:
+    """Check ``grid_thw`` and return it as host-side ``(t, h, w)`` triples.
+
+    A CUDA ``grid_thw`` costs one device-to-host copy here (once per forward); keep it on the CPU to avoid it.
+    """
+    if isinstance(grid_thw, Tensor):
+        if grid_thw.is_floating_point() or grid_thw.is_complex() or grid_thw.dtype == torch.bool:
+            raise ValueError(f"grid_thw must hold integers, got dtype {grid_thw.dtype}")
+        if grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
+            raise ValueError(f"grid_thw must have shape [num_images, 3], got {tuple(grid_thw.shape)}")
+        rows = grid_thw.tolist()
+    else:
+        rows = [list(r) for r in grid_thw]
+        for r in rows:
+            if len(r) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in r):
+                raise ValueError(f"grid_thw rows must be three integers (t, h, w), got {r!r}")
+    if not rows:
+        raise ValueError("grid_thw is empty: the batch must hold at least one image")
+    for i, (t, h, w) in enumerate(rows):
+        if t < 1 or h < 1 or w < 1:
+            raise ValueError(f"grid_thw[{i}] = ({t}, {h}, {w}): frames, rows and columns must all be >= 1")
+    return tuple((int(t), int(h), int(w)) for t, h, w in rows)
+
+
+@dataclass(frozen=True, eq=False)
+class Packing:
+    """Where every token of a packed batch lives. Build it with :meth:`from_grid`.
+
+    Attributes:
+        grid: host-side ``(t, h, w)`` per entry, as given.
+        frame_sizes: host-side ``(h, w)`` per segment (one segment per frame).
+        num_prefix: prefix tokens at the start of every segment.
+        tokens: segment boundaries of the full sequence (prefix + patches).
+        patches: segment boundaries of the patch tokens alone (the model's input and output layout).
+        patch_rows: ``[N]`` row in the full sequence of each input patch (``None`` when there are no prefixes).
+        prefix_rows: ``[S * num_prefix]`` rows of the prefix tokens, segment-major (``None`` when there are none).
+        patch_coords: ``[N, 4]`` int32 per patch: row, column, frame rows ``h``, frame columns ``w``.
+        patch_segment: ``[N]`` int64 segment (frame) index of each patch.
+    """
+
+    grid: tuple[tuple[int, int, int], ...]
+    frame_sizes: tuple[tuple[int, int], ...]
+    num_prefix: int
+    tokens: Segments
+    patches: Segments
+    patch_rows: Tensor | None
+    prefix_rows: Tensor | None
+    patch_coords: Tensor
+    patch_segment: Tensor
+
+    @classmethod
+    def from_grid(
+        cls, grid_thw: Tensor | list | tuple, num_prefix: int = 0, device: torch.device | str = "cpu"
+    ) -> Packing:
+        """Build the packing of a batch from its ``grid_thw`` ``[B, 3]`` (frames, rows, columns)."""
+        device = torch.device(device)
+        grid = validate_grid_thw(grid_thw)
+        frame_sizes = tuple((h, w) for t, h, w in grid for _ in range(t))
+        patch_lengths = tuple(h * w for h, w in frame_sizes)
+        num_segments = len(frame_sizes)
+
+        sizes = torch.tensor(frame_sizes, dtype=torch.int64)  # [S, 2]
+        lengths = torch.tensor(patch_lengths, dtype=torch.int64)  # [S]
+        seg_of_patch = torch.repeat_interleave(torch.arange(num_segments), lengths)  # [N]
+        seg_start = torch.cumsum(lengths, 0) - lengths  # [S]
+        local = torch.arange(int(lengths.sum())) - seg_start[seg_of_patch]  # [N] index inside the frame
+        h, w = sizes[seg_of_patch].unbind(1)
+        coords = torch.stack([local // w, local % w, h, w], dim=1).to(torch.int32)  # [N, 4]
+
+        patch_rows = prefix_rows = None
+        if num_prefix:
+            patch_rows = torch.arange(len(local)) + (seg_of_patch + 1) * num_prefix
+            seg_token_start = seg_start + torch.arange(num_segments) * num_prefix  # [S]
+            prefix_rows = (seg_token_start[:, None] + torch.arange(num_prefix)).flatten()
+            patch_rows, prefix_rows = _to_device(patch_rows, device), _to_device(prefix_rows, device)
+
+        return cls(
+            grid=grid,
+            frame_sizes=frame_sizes,
+            num_prefix=num_prefix,
+            tokens=Segments.from_lengths(tuple(n + num_prefix for n in patch_lengths), device),
+            patches=Segments.from_lengths(patch_lengths, device),
+            patch_rows=patch_rows,
+            prefix_rows=prefix_rows,
+            patch_coords=_to_device(coords, device),
+            patch_segment=_to_device(seg_of_patch, device),
+        )
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.frame_sizes)
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches.total
+
+    def insert_prefix(self, patch_tokens: Tensor, prefix: Tensor | None) -> Tensor:
+        """``[N, D]`` patch tokens and ``[k, D]`` prefix tokens -> ``[N + S*k, D]`` packed sequence."""
+        if self.patch_rows is None or prefix is None:
+            return patch_tokens
+        out = patch_tokens.new_empty(self.tokens.total, patch_tokens.shape[-1])
+        out = out.index_copy(0, self.patch_rows, patch_tokens)
+        return out.index_copy(0, self.prefix_rows, prefix.to(patch_tokens.dtype).repeat(self.num_segments, 1))
+
+    def patch_tokens(self, tokens: Tensor) -> Tensor:
+        """``[N + S*k, ...]`` -> ``[N, ...]``: the patch tokens in input order."""
+        return tokens if self.patch_rows is None else tokens.index_select(0, self.patch_rows)
+
+    def prefix_tokens(self, tokens: Tensor) -> Tensor:
+        """``[N + S*k, D]`` -> ``[S, k, D]``: each segment's prefix tokens."""
+        if self.prefix_rows is None:
+            return tokens.new_empty(self.num_segments, 0, tokens.shape[-1])
+        return tokens.index_select(0, self.prefix_rows).unflatten(0, (self.num_segments, self.num_prefix))
