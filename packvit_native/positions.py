@@ -26,14 +26,19 @@ __all__ = ["LearnedGrid", "Rope2D", "SinCos2D", "build_positions"]
 
 
 def _size_table_rows(packing: Packing) -> tuple[tuple[tuple[int, int], ...], Tensor]:
-    """Distinct frame sizes, and for each patch its row in the concatenation of per-size tables."""
+    """Distinct frame sizes, and for each patch its row in the concatenation of per-size row-major tables.
+
+    Rows come from each patch's own (row, col), so any token order inside a frame is honoured.
+    """
     distinct = tuple(dict.fromkeys(packing.frame_sizes))
     offsets, start = {}, 0
     for h, w in distinct:
         offsets[(h, w)] = start
         start += h * w
-    rows = torch.cat([torch.arange(h * w) + offsets[(h, w)] for h, w in packing.frame_sizes])  # [N]
-    return distinct, _to_device(rows, packing.patch_coords.device)
+    seg_offset = torch.tensor([offsets[s] for s in packing.frame_sizes], dtype=torch.int64)  # [S]
+    seg_offset = _to_device(seg_offset, packing.patch_coords.device)
+    row, col, _, w = packing.patch_coords.long().unbind(1)
+    return distinct, seg_offset[packing.patch_segment] + row * w + col  # [N]
 
 
 class Rope2D(nn.Module):

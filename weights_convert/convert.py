@@ -15,7 +15,7 @@ from .families import dinov3
 from .keymap import check_against_model
 from .sources import Checkpoint, load_state_dict, read_checkpoint
 
-__all__ = ["FAMILIES", "convert_checkpoint", "family_for"]
+__all__ = ["FAMILIES", "convert_checkpoint", "family_for", "family_named"]
 
 FAMILIES: tuple[ModuleType, ...] = (dinov3,)
 
@@ -26,6 +26,13 @@ def family_for(model_type: str | None) -> ModuleType:
             return fam
     supported = sorted(t for fam in FAMILIES for t in fam.MODEL_TYPES)
     raise ConversionError(f"unsupported model_type {model_type!r}; supported: {supported}")
+
+
+def family_named(name: str) -> ModuleType:
+    for fam in FAMILIES:
+        if name == fam.NAME:
+            return fam
+    raise ConversionError(f"unknown family {name!r}; known: {[fam.NAME for fam in FAMILIES]}")
 
 
 def is_native(ckpt: Checkpoint) -> bool:

@@ -16,7 +16,9 @@ from ..errors import ConversionError
 from ..keymap import DROP, Converted, rename
 from .common import activation, image_stats, require, square
 
+NAME = "dinov3"
 MODEL_TYPES = ("dinov3_vit",)
+HF_CLASS = "DINOv3ViTModel"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -118,3 +120,33 @@ def convert_state_dict(state: dict[str, Tensor], cfg: dict[str, Any], config: En
                 if f"{o}mlp.{src}.{kind}" in c.tensors:
                     c.put(f"{o}mlp.{dst}.{kind}", *c.pop(f"{o}mlp.{src}.{kind}"))
     return c
+
+
+def tiny_hf_config(variant: str = "gelu") -> dict[str, Any]:
+    """A small transformers config for demos and tests (``variant``: ``"gelu"`` MLP or ``"swiglu"``)."""
+    gated = variant == "swiglu"
+    return {
+        "model_type": "dinov3_vit",
+        "hidden_size": 64,
+        "intermediate_size": 96 if gated else 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "patch_size": 4,
+        "image_size": 32,
+        "num_register_tokens": 2,
+        "layerscale_value": 0.5,
+        "use_gated_mlp": gated,
+        "hidden_act": "silu" if gated else "gelu",
+    }
+
+
+def reference_forward(model: Any, frame: Tensor) -> dict[str, Any]:
+    """transformers' outputs for one ``[C, H, W]`` frame, split as ours are (prefix tokens, patch tokens)."""
+    k = 1 + model.config.num_register_tokens
+    out = model(pixel_values=frame[None], output_hidden_states=True)
+    return {
+        "last_hidden_state": out.last_hidden_state[0, k:],
+        "prefix_tokens": out.last_hidden_state[0, :k],
+        "pooler_output": out.pooler_output[0],
+        "hidden_states": [h[0, k:] for h in out.hidden_states],
+    }
