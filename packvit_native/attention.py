@@ -59,7 +59,7 @@ def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, qs: Segments, ks: Segments, s
 
 
 def _flash_attn2(q: Tensor, k: Tensor, v: Tensor, qs: Segments, ks: Segments, scale: float) -> Tensor:
-    from flash_attn import flash_attn_varlen_func
+    from flash_attn.flash_attn_interface import flash_attn_varlen_func
 
     return flash_attn_varlen_func(
         q, k, v, qs.cu_seqlens, ks.cu_seqlens, qs.max_seqlen, ks.max_seqlen, softmax_scale=scale
@@ -122,7 +122,7 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("fa4", _flash_attn4, "flash_attn.cute", (9, 0), "pip install flash-attn-4  (Hopper/Blackwell GPUs)"),
         Backend("fa3", _flash_attn3, "flash_attn_interface", (9, 0), "build and install hopper/ from the flash-attention repository (Hopper GPUs)"),
-        Backend("flash_attn", _flash_attn2, "flash_attn", (8, 0), "pip install flash-attn --no-build-isolation  (Ampere or newer GPUs)"),
+        Backend("flash_attn", _flash_attn2, "flash_attn.flash_attn_interface", (8, 0), "pip install flash-attn --no-build-isolation  (Ampere or newer GPUs)"),
         Backend("torch", _torch_varlen, "torch.nn.attention.varlen", (8, 0), "PyTorch >= 2.10 built with CUDA, on an Ampere or newer GPU"),
         Backend("sdpa", _sdpa_reference, None, None, "built in"),
     )
