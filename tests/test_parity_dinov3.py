@@ -38,7 +38,10 @@ def test_dinov3_model_layer_spelling(tiny_reference, tmp_path):
     (respelled / "config.json").write_text((src / "config.json").read_text())
     state = load_file(src / "model.safetensors")
     assert any(k.startswith("layer.") for k in state)
-    save_file({("model." + k if k.startswith("layer.") else k): v for k, v in state.items()}, respelled / "model.safetensors")
+    save_file(
+        {("model." + k if k.startswith("layer.") else k): v for k, v in state.items()},
+        respelled / "model.safetensors",
+    )
     a, b = pv.from_pretrained(src), pv.from_pretrained(respelled)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
