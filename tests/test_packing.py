@@ -1,0 +1,73 @@
+"""Packing metadata and patch layouts."""
+
+import torch
+
+import packvit_native as pv
+from packvit_native.packing import Packing
+
+
+def test_packing_segments_and_prefix_rows():
+    packing = Packing.from_grid(torch.tensor([[1, 2, 3], [2, 1, 1], [1, 3, 1]]), num_prefix=2)
+    assert packing.frame_sizes == ((2, 3), (1, 1), (1, 1), (3, 1))
+    assert packing.patches.lengths == (6, 1, 1, 3)
+    assert packing.tokens.lengths == (8, 3, 3, 5)
+    assert packing.tokens.cu_seqlens.dtype == torch.int32
+    assert packing.tokens.cu_seqlens.tolist() == [0, 8, 11, 14, 19]
+    assert isinstance(packing.tokens.max_seqlen, int) and packing.tokens.max_seqlen == 8
+    assert packing.prefix_rows.tolist() == [0, 1, 8, 9, 11, 12, 14, 15]
+    assert packing.patch_rows.tolist() == [2, 3, 4, 5, 6, 7, 10, 13, 16, 17, 18]
+    row, col, h, w = packing.patch_coords.T.tolist()
+    assert row[:6] == [0, 0, 0, 1, 1, 1] and col[:6] == [0, 1, 2, 0, 1, 2]
+    assert (h[-3:], w[-3:]) == ([3, 3, 3], [1, 1, 1])
+    assert packing.patch_segment.tolist() == [0] * 6 + [1, 2] + [3] * 3
+
+
+def test_insert_and_remove_prefix_round_trip():
+    packing = Packing.from_grid([[1, 2, 2], [1, 1, 3]], num_prefix=3)
+    patches, prefix = torch.randn(7, 5), torch.randn(3, 5)
+    tokens = packing.insert_prefix(patches, prefix)
+    assert tokens.shape == (7 + 2 * 3, 5)
+    assert torch.equal(packing.patch_tokens(tokens), patches)
+    assert torch.equal(packing.prefix_tokens(tokens), prefix.expand(2, 3, 5))
+
+
+def test_no_prefix_is_identity():
+    packing = Packing.from_grid([[1, 2, 2]], num_prefix=0)
+    x = torch.randn(4, 3)
+    assert packing.insert_prefix(x, None) is x and packing.patch_tokens(x) is x
+    assert packing.prefix_tokens(x).shape == (1, 0, 3)
+
+
+def test_patchify_layouts_and_round_trip():
+    images = [torch.randn(3, 8, 12), torch.randn(2, 3, 4, 4), torch.randn(3, 4, 8)]
+    for layout in ("cpp", "ppc"):
+        patches, grid = pv.patchify(images, 4, layout=layout)
+        assert grid.tolist() == [[1, 2, 3], [2, 1, 1], [1, 1, 2]]
+        assert patches.shape == (6 + 2 + 2, 48)
+        back = pv.unpatchify(patches, grid, 4, layout=layout)
+        assert torch.equal(back[0][0], images[0]) and torch.equal(back[1], images[1])
+    # cpp: one patch is a Conv2d receptive field flattened as (c, py, px)
+    patches, _ = pv.patchify([images[0]], 4, layout="cpp")
+    assert torch.equal(patches[4], images[0][:, 4:8, 4:8].reshape(-1))
+    patches, _ = pv.patchify([images[0]], 4, layout="ppc")
+    assert torch.equal(patches[4], images[0][:, 4:8, 4:8].permute(1, 2, 0).reshape(-1))
+
+
+def test_ppc_loading_permutes_the_patch_weight_once(tiny_reference):
+    src = tiny_reference("dinov3", "gelu")
+    cpp, ppc = pv.from_pretrained(src), pv.from_pretrained(src, patch_layout="ppc")
+    assert ppc.config.patch_layout == "ppc"
+    images = [torch.randn(3, 12, 8), torch.randn(3, 4, 4)]
+    with torch.no_grad():
+        a = cpp(*cpp.patchify(images))
+        b = ppc(*ppc.patchify(images))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_save_pretrained_round_trip(tiny_reference, tmp_path):
+    model = pv.from_pretrained(tiny_reference("dinov3", "gelu"), patch_layout="ppc")
+    model.save_pretrained(tmp_path / "saved")
+    again = pv.from_pretrained(tmp_path / "saved")
+    assert again.config == model.config
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
