@@ -1,0 +1,287 @@
+"""Side-by-side benchmark: packvit-native vs transformers, same images, same GPU, one process.
+
+For every model and workload both implementations encode the same images; we report images/s, tokens/s,
+achieved TFLOP/s (useful work only: padding is never counted), its fraction of a bf16 GEMM measured in the same
+run, peak memory and our/transformers ratios. transformers runs its best way for each case: sdpa attention,
+one batch per distinct image size (a single batch for uniform workloads, mostly one image at a time for mixed
+sizes), or one padded and masked batch for SigLIP2 NaFlex, which supports that.
+
+Random weights at the real model sizes (the published architectures); no network needed.
+
+    python benchmarks/bench.py --out benchmarks/results          # everything, ~8 minutes on an H100
+    python benchmarks/bench.py --models dinov3_vitl16 --workloads mixed --backends torch,fa4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import packvit_native as pv
+from packvit_native.attention import available_backends
+from packvit_native.loading import build_model
+from weights_convert.convert import convert_loaded
+
+DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    hf_config: dict[str, Any]
+    hf_class: str
+    naflex: bool = False  # SigLIP2 NaFlex: transformers takes a padded, masked batch of patches
+
+
+MODELS = {
+    "dinov3_vitl16": ModelSpec(
+        "DINOv3 ViT-L/16",
+        {"model_type": "dinov3_vit", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+         "num_attention_heads": 16, "patch_size": 16, "num_register_tokens": 4, "layerscale_value": 1e-5},
+        "DINOv3ViTModel",
+    ),
+    "dinov3_vit7b16": ModelSpec(
+        "DINOv3 ViT-7B/16",
+        {"model_type": "dinov3_vit", "hidden_size": 4096, "intermediate_size": 8192, "num_hidden_layers": 40,
+         "num_attention_heads": 32, "patch_size": 16, "num_register_tokens": 4, "layerscale_value": 1e-5,
+         "use_gated_mlp": True, "hidden_act": "silu", "query_bias": False, "value_bias": False},
+        "DINOv3ViTModel",
+    ),
+    "aimv2_l14": ModelSpec(
+        "AIMv2-L/14 native",
+        {"model_type": "aimv2_vision_model", "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24,
+         "num_attention_heads": 8, "patch_size": 14, "is_native": True, "use_head": False},
+        "Aimv2VisionModel",
+    ),
+    "siglip2_so400m16": ModelSpec(
+        "SigLIP2 so400m/16 NaFlex",
+        {"model_type": "siglip2_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+         "num_attention_heads": 16, "patch_size": 16, "num_patches": 256},
+        "Siglip2VisionModel",
+        naflex=True,
+    ),
+}  # fmt: skip
+
+
+def workload(name: str, patch: int) -> list[tuple[int, int]]:
+    """Image sizes in patches (rows, cols). Mixed and small draw from a fixed seed."""
+    rng = random.Random(0)
+    if name.startswith("uniform"):
+        side = int(name.removeprefix("uniform")) // patch
+        return [(side, side)] * (32 if side * patch <= 448 else 8)
+    if name == "mixed":  # 32 images, each side 224-1024 px
+        return [(rng.randint(224, 1024) // patch, rng.randint(224, 1024) // patch) for _ in range(32)]
+    if name == "small":  # 256 thumbnails, each side 64-224 px
+        return [(rng.randint(64, 224) // patch, rng.randint(64, 224) // patch) for _ in range(256)]
+    raise ValueError(f"unknown workload {name}")
+
+
+def useful_flops(config: pv.EncoderConfig, sizes: list[tuple[int, int]]) -> float:
+    """Forward FLOPs of the real tokens: linears 2*T*params, attention 4*sum(L^2)*D, patch embedding."""
+    d, k = config.hidden_size, config.num_prefix
+    lengths = [h * w + k for h, w in sizes]
+    t = sum(lengths)
+    mlp = (3 if config.mlp == "swiglu" else 2) * d * config.mlp_hidden
+    per_layer = 2 * t * (4 * d * d + mlp) + 4 * sum(n * n for n in lengths) * d
+    return config.num_layers * per_layer + 2 * sum(h * w for h, w in sizes) * config.patch_dim * d
+
+
+def timed(fn, min_time: float = 1.0, max_iters: int = 30, warmup: int = 2) -> float:
+    """Median seconds per call over enough calls to fill ``min_time``."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_iters and (time.perf_counter() - start < min_time or len(times) < 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def gemm_peak() -> float:
+    best = 0.0
+    for m, k, n in ((16384, 1024, 4096), (8192, 8192, 8192)):
+        a, b = torch.randn(m, k, device="cuda", dtype=DTYPE), torch.randn(k, n, device="cuda", dtype=DTYPE)
+        best = max(best, 2 * m * k * n / timed(lambda a=a, b=b: a @ b) / 1e12)
+    return best
+
+
+def build_pair(spec: ModelSpec) -> tuple[Any, pv.PackedVisionEncoder]:
+    import transformers
+
+    cfg_cls = transformers.AutoConfig.for_model(spec.hf_config["model_type"]).__class__
+    cfg = cfg_cls(**{k: v for k, v in spec.hf_config.items() if k != "model_type"})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = getattr(transformers, spec.hf_class)._from_config(cfg, dtype=DTYPE).eval()
+    config, state, _ = convert_loaded(cfg.to_dict(), None, hf.state_dict())
+    ours = build_model(config, state, device="cuda", dtype=DTYPE)
+    return hf, ours
+
+
+def images_for(sizes: list[tuple[int, int]], patch: int, channels: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [
+        torch.randn(channels, h * patch, w * patch, device="cuda", dtype=DTYPE, generator=g) for h, w in sizes
+    ]
+
+
+def hf_runner(spec: ModelSpec, hf: Any, images: list[torch.Tensor], patch: int):
+    if spec.naflex:
+        patches, grid = pv.patchify(images, patch, layout="ppc")
+        counts = (grid[:, 1] * grid[:, 2]).tolist()
+        n_max = max(counts)
+        padded = patches.new_zeros(len(images), n_max, patches.shape[1])
+        mask = torch.zeros(len(images), n_max, dtype=torch.int32, device="cuda")
+        for i, chunk in enumerate(patches.split(counts)):
+            padded[i, : len(chunk)] = chunk
+            mask[i, : len(chunk)] = 1
+        shapes = grid[:, 1:].cuda()
+
+        def run():
+            return hf(pixel_values=padded, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
+
+        return run, len(images) * n_max
+    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for im in images:
+        groups.setdefault(tuple(im.shape), []).append(im)
+    batches = [torch.stack(g) for g in groups.values()]
+
+    def run():
+        return [hf(pixel_values=b).last_hidden_state for b in batches]
+
+    return run, None
+
+
+def measure(fn) -> tuple[float, float]:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        seconds = timed(fn)
+    return seconds, (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="dinov3_vitl16,aimv2_l14,siglip2_so400m16,dinov3_vit7b16")
+    parser.add_argument("--workloads", default="uniform224,uniform448,uniform1024,mixed,small")
+    parser.add_argument("--backends", default="auto", help="comma list of our attention backends, or 'auto'")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd blocks")
+    parser.add_argument("--big-workloads", default="uniform448,mixed", help="workloads for the 7B model")
+    parser.add_argument("--out", type=Path, help="directory for results.json and results.md")
+    args = parser.parse_args()
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "command": "python " + " ".join(sys.argv),
+        "available_backends": available_backends("cuda"),
+    }
+    peak = gemm_peak()
+    env["gemm_peak_tflops"] = round(peak, 1)
+    print(json.dumps(env), flush=True)
+    rows = []
+    for key in args.models.split(","):
+        spec = MODELS[key]
+        hf, ours = build_pair(spec)
+        cfg = ours.config
+        backends = available_backends("cuda")[:1] if args.backends == "auto" else args.backends.split(",")
+        backends = [b for b in backends if b in available_backends("cuda")]
+        names = args.big_workloads if "7b" in key else args.workloads
+        compiled = None
+        if args.compile and "7b" not in key:
+            compiled = copy.deepcopy(ours)
+            for block in compiled.blocks:
+                block.compile(dynamic=True)
+        for wl in names.split(","):
+            sizes = workload(wl, cfg.patch_size)
+            images = images_for(sizes, cfg.patch_size)
+            flops = useful_flops(cfg, sizes)
+            n_tokens = sum(h * w for h, w in sizes)
+            hf_fn, padded_tokens = hf_runner(spec, hf, images, cfg.patch_size)
+            hf_s, hf_mem = measure(hf_fn)
+            base = {"model": spec.name, "workload": wl, "images": len(sizes), "patches": n_tokens}
+            hf_row = {**base, "impl": "transformers", "seconds": hf_s, "peak_gib": hf_mem,
+                      "padded_patches": padded_tokens}  # fmt: skip
+            rows.append(hf_row)
+            patches, grid = ours.patchify(images)
+            grid = grid.cpu()
+            variants = [(b, ours, "") for b in backends] + (
+                [(backends[0], compiled, "+compile")] if compiled else []
+            )
+            for backend, model, tag in variants:
+                s, mem = measure(lambda m=model, b=backend, x=patches, g=grid: m(x, g, attn_backend=b))
+                rows.append({**base, "impl": f"packvit[{backend}{tag}]",
+                             "seconds": s, "peak_gib": mem, "speedup": hf_s / s, "mem_ratio": mem / hf_mem})  # fmt: skip
+            for r in rows[-(len(variants) + 1) :]:
+                r["img_per_s"] = len(sizes) / r["seconds"]
+                r["tok_per_s"] = n_tokens / r["seconds"]
+                r["tflops"] = flops / r["seconds"] / 1e12
+                r["gemm_fraction"] = r["tflops"] / peak
+                print(
+                    json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}),
+                    flush=True,
+                )
+            del images, patches
+        del hf, ours, compiled
+        gc.collect()
+        torch.cuda.empty_cache()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        (args.out / "results.md").write_text(render_markdown(env, rows))
+        print((args.out / "results.md").read_text())
+
+
+def render_markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"GPU: {env['gpu']} · torch {env['torch']} · CUDA {env['cuda']} · transformers {env['transformers']} · "
+        f"bf16 forward · bf16 GEMM peak measured in the same run: {env['gemm_peak_tflops']} TFLOP/s",
+        "",
+        f"Command: `{env['command']}`",
+        "",
+        "| model | workload | images | implementation | img/s | tokens/s | TFLOP/s | of GEMM peak | peak GiB | speedup | memory vs HF |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        speed = f"{r['speedup']:.2f}×" if "speedup" in r else ""
+        mem = f"{r['mem_ratio']:.2f}×" if "mem_ratio" in r else ""
+        impl = r["impl"] + (f" (padded to {r['padded_patches']} patches)" if r.get("padded_patches") else "")
+        lines.append(
+            f"| {r['model']} | {r['workload']} | {r['images']} | {impl} | {r['img_per_s']:.1f} | "
+            f"{r['tok_per_s']:,.0f} | {r['tflops']:.0f} | {r['gemm_fraction']:.2f} | {r['peak_gib']:.2f} | {speed} | {mem} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
