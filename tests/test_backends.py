@@ -8,7 +8,13 @@ real model sizes in bf16.
 import pytest
 import torch
 
-from packvit_native.attention import AUTO_ORDER, BACKENDS, available_backends, resolve_backend, varlen_attention
+from packvit_native.attention import (
+    AUTO_ORDER,
+    BACKENDS,
+    available_backends,
+    resolve_backend,
+    varlen_attention,
+)
 from packvit_native.packing import Segments
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

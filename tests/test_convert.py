@@ -52,7 +52,9 @@ def test_cli_refuses_to_overwrite_without_force(tiny_reference, tmp_path, capsys
         (lambda s: s.update({"layer.0.attention.k_proj.bias": torch.zeros(64)}), "unknown checkpoint keys: layer.0.attention.k_proj.bias"),
     ],
 )  # fmt: skip
-def test_bad_checkpoints_fail_naming_the_key_and_write_nothing(tiny_reference, tmp_path, capsys, edit, message):
+def test_bad_checkpoints_fail_naming_the_key_and_write_nothing(
+    tiny_reference, tmp_path, capsys, edit, message
+):
     bad = _copy_with_state(tiny_reference("dinov3", "gelu"), tmp_path / "bad", edit)
     assert convert_cli([str(bad), str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
@@ -97,7 +99,7 @@ def test_sharded_checkpoint_converts_like_the_single_file(tiny_reference, tmp_pa
     _, b, _ = convert_checkpoint(sharded)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     (sharded / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ConversionError, match="shard model-00002-of-00002.safetensors named in"):
+    with pytest.raises(ConversionError, match=r"shard model-00002-of-00002\.safetensors named in"):
         convert_checkpoint(sharded)
 
 
@@ -128,18 +130,26 @@ def test_hub_id_loads_offline_from_the_cache(tiny_reference, tmp_path):
         "torch.manual_seed(0); x = [torch.randn(3, 12, 8), torch.randn(3, 4, 4)]\n"
         "torch.save(m(*m.patchify(x)).detach(), 'hub_out.pt')\n"
     )
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
     local = pv.from_pretrained(src)
     torch.manual_seed(0)
     x = [torch.randn(3, 12, 8), torch.randn(3, 4, 4)]
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "hub_out.pt"), local(*local.patchify(x)), rtol=0, atol=0)
+        torch.testing.assert_close(
+            torch.load(tmp_path / "hub_out.pt"), local(*local.patchify(x)), rtol=0, atol=0
+        )
 
     cli = [sys.executable, "-m", "weights_convert.cli"]
-    run = subprocess.run([*cli, "someorg/tiny-dinov3", "out"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [*cli, "someorg/tiny-dinov3", "out"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
-    run = subprocess.run([*cli, "someorg/absent", "out2"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [*cli, "someorg/absent", "out2"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert run.returncode == 2 and "could not fetch 'someorg/absent'" in run.stderr
     assert not (tmp_path / "out2").exists()
