@@ -145,9 +145,12 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {['auto', *BACKENDS]}")
     backend = BACKENDS[name]
     if not backend.is_available(device):
-        where = "a CUDA device" if device.type != "cuda" else f"{device} with this install"
+        if device.type != "cuda":
+            why = f"it needs a CUDA GPU and the model is on {device}"
+        else:
+            why = f"it is not installed or this GPU (compute capability {torch.cuda.get_device_capability(device)}) is too old"
         raise ValueError(
-            f"attention backend {name!r} is not available on {where}. To use it: {backend.install}. "
+            f"attention backend {name!r} is not available: {why}. To use it: {backend.install}. "
             f"Available here: {available_backends(device)}"
         )
     return name

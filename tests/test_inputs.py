@@ -59,7 +59,7 @@ def test_unknown_and_unavailable_backends(model):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="pip install flash-attn-4"):
             model(torch.randn(4, 48), [[1, 2, 2]], attn_backend="fa4")
-        with pytest.raises(ValueError, match="is not available on a CUDA device"):
+        with pytest.raises(ValueError, match="needs a CUDA GPU and the model is on cpu"):
             model(torch.randn(4, 48), [[1, 2, 2]], attn_backend="torch")
 
 
