@@ -126,9 +126,12 @@ class _Writer:
         self.done: set[str] = set()
         if packed:
             for part in sorted(out.glob("part-*.safetensors")):
+                number = part.stem.removeprefix("part-")
+                if not number.isdigit():
+                    continue
                 with safe_open(part, "pt") as f:
                     self.done.update(json.loads((f.metadata() or {}).get("names", "[]")))
-                self.next_part = max(self.next_part, int(part.stem.split("-")[1]) + 1)
+                self.next_part = max(self.next_part, int(number) + 1)
 
     def written(self, item: Item) -> bool:
         if self.packed:

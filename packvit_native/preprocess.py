@@ -145,7 +145,10 @@ def target_size(
     if "size" in rule:
         h, w = rule["size"]
         if h % f or w % f or h < 1 or w < 1:
-            raise ValueError(f"size={rule['size']} is not a positive multiple of {f} pixels on both sides")
+            raise ValueError(
+                f"size={rule['size']} is not a positive multiple of {f} pixels on both sides "
+                f"(patch size {p} x merge size {config.merge_size})"
+            )
         return h, w
     if "max_patches" in rule:
         return naflex_size(height, width, p, rule["max_patches"], factor=f)
