@@ -209,13 +209,12 @@ class PackedVisionEncoder(nn.Module):
             return select(x if apply_final_norm is False else self.norm(x))
         normed = self.norm(x)
         last = x if apply_final_norm is False else normed
+        hidden = tuple(select(kept[i]) for i in range(num_layers + 1)) if output_hidden_states else None
         return EncoderOutput(
             last_hidden_state=select(last),
             prefix_tokens=packing.prefix_tokens(last),
             pooler_output=self.head(normed, packing, ctx_backend) if self.head is not None else None,
-            hidden_states=tuple(select(kept[i]) for i in range(num_layers + 1))
-            if output_hidden_states
-            else None,
+            hidden_states=hidden,
             packing=packing,
             layers=picked,
         )
