@@ -2,8 +2,8 @@
 
 >>> import packvit_native as pv
 >>> model = pv.from_pretrained("facebook/dinov3-vitl16-pretrain-lvd1689m")
->>> patches, grid_thw = model.patchify([img0, img1])        # mixed sizes, one packed tensor
->>> feats = model(patches, grid_thw)                          # [total_patches, hidden]
+>>> patches, grid_thw = pv.preprocess(["cat.jpg", "street.png"], model)  # mixed sizes, one packed tensor
+>>> feats = model(patches, grid_thw)                                    # [total_patches, hidden]
 """
 
 from .attention import available_backends, varlen_attention
@@ -12,6 +12,7 @@ from .encoder import EncoderOutput, PackedVisionEncoder
 from .loading import from_pretrained
 from .packing import Packing
 from .patchify import patchify, unpatchify
+from .preprocess import preprocess
 
 __all__ = [
     "EncoderConfig",
@@ -21,6 +22,7 @@ __all__ = [
     "available_backends",
     "from_pretrained",
     "patchify",
+    "preprocess",
     "unpatchify",
     "varlen_attention",
 ]

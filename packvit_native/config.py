@@ -73,6 +73,10 @@ class EncoderConfig:
             pooling) or ``"attention_pool"`` (AIMv2 attention pooling).
         patch_layout: per-patch element order of the input: ``"cpp"`` (channel, row, col) or ``"ppc"``
             (row, col, channel).
+        merge_size: token order inside each frame, for inputs and outputs alike: ``1`` is row-major; ``m > 1``
+            is merge order (each ``m x m`` block of patches contiguous, blocks row-major), which a Qwen-style
+            spatial merger reshapes without a gather. Not part of the weights: ``patchify``,
+            :func:`~packvit_native.preprocess` and the forward all read it from here, so they always agree.
         image_mean / image_std: per-channel normalisation the checkpoint expects.
         pos_embed_shift / pos_embed_jitter / pos_embed_rescale: DINOv3 RoPE coordinate augmentation used in
             training mode (``None`` disables each).
@@ -104,6 +108,7 @@ class EncoderConfig:
     final_norm: bool = True
     head: HeadKind = "none"
     patch_layout: PatchLayout = "cpp"
+    merge_size: int = 1
     image_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     image_std: tuple[float, ...] = (0.229, 0.224, 0.225)
     pos_embed_shift: float | None = None
@@ -127,7 +132,9 @@ class EncoderConfig:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config.{name} = {getattr(self, name)!r}; allowed: {list(allowed)}")
-        for name in ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_hidden", "num_channels"):
+        for name in (
+            "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_hidden", "num_channels", "merge_size",
+        ):  # fmt: skip
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"config.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_heads:

@@ -6,6 +6,7 @@ packed sequence and attention runs per segment through a varlen kernel, with no 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,9 @@ class EncoderOutput:
         hidden_states: ``num_layers + 1`` tensors ``[N, D]`` of patch tokens: the embedding output, then the
             output of each block (before the final norm), indexed as transformers indexes them.
         packing: the packing metadata of this batch.
+        layers: the layers asked for with ``output_layers``, in the order asked, or ``None``.
+
+    With ``return_prefix=True`` every per-token tensor above holds the full packed sequence ``[N + S*k, D]``.
     """
 
     last_hidden_state: Tensor
@@ -42,6 +46,7 @@ class EncoderOutput:
     pooler_output: Tensor | None
     hidden_states: tuple[Tensor, ...] | None
     packing: Packing
+    layers: tuple[Tensor, ...] | None = None
 
 
 class PackedVisionEncoder(nn.Module):
@@ -71,8 +76,13 @@ class PackedVisionEncoder(nn.Module):
         self.head = build_head(config, **dd)
 
     def patchify(self, images: list[Tensor] | Tensor) -> tuple[Tensor, Tensor]:
-        """Images ``[C, H, W]`` (or ``[T, C, H, W]``) -> ``(patches, grid_thw)`` in this model's layout."""
-        return patchify(images, self.config.patch_size, layout=self.config.patch_layout)
+        """Images ``[C, H, W]`` (or ``[T, C, H, W]``) -> ``(patches, grid_thw)`` in this model's layout and order.
+
+        Images must already be normalised and sized in multiples of the patch size (and of ``merge_size``
+        patches); :func:`packvit_native.preprocess` does that from image files.
+        """
+        c = self.config
+        return patchify(images, c.patch_size, layout=c.patch_layout, merge_size=c.merge_size)
 
     def save_pretrained(self, out_dir: str | Path, force: bool = False) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (atomically) for :func:`from_pretrained`."""
@@ -109,32 +119,65 @@ class PackedVisionEncoder(nn.Module):
         packing: Packing | None = None,
         return_dict: bool = False,
         output_hidden_states: bool = False,
+        output_layers: int | Sequence[int] | None = None,
+        return_prefix: bool = False,
+        apply_final_norm: bool | None = None,
         attn_backend: str | None = None,
-    ) -> Tensor | EncoderOutput:
+    ) -> Tensor | tuple[Tensor, ...] | EncoderOutput:
         """Encode a packed batch.
 
+        Layers are numbered as transformers numbers ``hidden_states``: ``0`` is the embedding output (positions
+        added, prefix tokens inserted), ``i`` the output of block ``i``, ``-1`` the last block's output before
+        the final norm, ``-2`` the one before it (what LLaVA-style code takes).
+
         Args:
-            patches: ``[N, C*p*p]`` pixels, images one after another, each frame's patches row-major.
+            patches: ``[N, C*p*p]`` pixels, images one after another, each frame's patches in the model's token
+                order (row-major, or merge order when ``config.merge_size > 1``).
             grid_thw: ``[B, 3]`` integer (frames, rows, columns) per image. Keep it on the CPU: the forward
                 then never waits on the GPU. Not needed when ``packing`` is given.
             packing: metadata from :meth:`Packing.from_grid`, to reuse it across calls.
             return_dict: return an :class:`EncoderOutput` instead of the final patch tokens.
             output_hidden_states: also return every layer's patch tokens (needs ``return_dict``).
+            output_layers: return just these layers: an int gives one tensor, a sequence a tuple in the order
+                asked (in :attr:`EncoderOutput.layers` with ``return_dict``). Only the asked layers are kept,
+                and without ``return_dict`` the blocks after the deepest asked layer are not run.
+            return_prefix: every returned token tensor holds the full packed sequence ``[N + S*k, D]``
+                (each segment's ``k`` prefix tokens, then its patches; ``packing.tokens.cu_seqlens`` marks the
+                segments) instead of the patch tokens ``[N, D]`` alone.
+            apply_final_norm: ``None`` (default): the last layer's output goes through the final norm and the
+                layers picked by ``output_layers`` do not, as in transformers' ``hidden_states``. ``True``:
+                the picked layers are normed too (DINOv3's ``get_intermediate_layers(norm=True)``).
+                ``False``: nothing is normed; the final output is the last block's raw output. The pooled
+                output always uses the normed tokens its head was trained on.
             attn_backend: override the model's attention backend for this call.
 
         Returns:
-            ``[N, D]`` final patch tokens, or an :class:`EncoderOutput`.
+            ``[N, D]`` final patch tokens; the picked layer(s) when ``output_layers`` is given; or an
+            :class:`EncoderOutput` with ``return_dict``.
         """
         if output_hidden_states and not return_dict:
             raise ValueError("output_hidden_states=True needs return_dict=True")
+        if apply_final_norm not in (None, True, False):
+            raise ValueError(f"apply_final_norm must be None, True or False, got {apply_final_norm!r}")
+        num_layers = self.config.num_layers
+        picks = self._layer_indices(output_layers)
+        keep = set(range(num_layers + 1)) if output_hidden_states else set(picks or ())
+        # Without return_dict only the picked layers are returned: the later blocks would be wasted work.
+        depth = max(picks) if picks is not None and not return_dict else num_layers
+
         device = self.patch_embed.weight.device
+        merge = self.config.merge_size
         if packing is None:
             if grid_thw is None:
                 raise ValueError("pass grid_thw (or a prebuilt packing)")
-            packing = Packing.from_grid(grid_thw, self.config.num_prefix, device)
+            packing = Packing.from_grid(grid_thw, self.config.num_prefix, device, merge_size=merge)
         elif packing.num_prefix != self.config.num_prefix:
             raise ValueError(
                 f"packing was built for {packing.num_prefix} prefix tokens, this model has {self.config.num_prefix}"
+            )
+        elif packing.merge_size != merge:
+            raise ValueError(
+                f"packing was built with merge_size={packing.merge_size}, this model's config.merge_size is {merge}"
             )
         self._check_patches(patches, packing)
         ctx_backend = resolve_backend(attn_backend or self.attn_backend, device)
@@ -150,20 +193,44 @@ class PackedVisionEncoder(nn.Module):
         x = packing.insert_prefix(x, self.prefix)  # [T, D]
         ctx = BlockContext(packing.tokens, ctx_backend, rope)
 
-        hidden = [x] if output_hidden_states else None
-        for block in self.blocks:
+        kept = {0: x} if 0 in keep else {}
+        for i, block in enumerate(self.blocks[:depth], start=1):
             x = block(x, ctx)
-            if hidden is not None:
-                hidden.append(x)
-        x = self.norm(x)
+            if i in keep:
+                kept[i] = x
 
-        patch_out = packing.patch_tokens(x)
+        select = (lambda t: t) if return_prefix else packing.patch_tokens
+        picked = None
+        if picks is not None:
+            picked = tuple(select(self.norm(kept[i]) if apply_final_norm else kept[i]) for i in picks)
+            if not return_dict:
+                return picked[0] if isinstance(output_layers, int) else picked
         if not return_dict:
-            return patch_out
+            return select(x if apply_final_norm is False else self.norm(x))
+        normed = self.norm(x)
+        last = x if apply_final_norm is False else normed
+        hidden = tuple(select(kept[i]) for i in range(num_layers + 1)) if output_hidden_states else None
         return EncoderOutput(
-            last_hidden_state=patch_out,
-            prefix_tokens=packing.prefix_tokens(x),
-            pooler_output=self.head(x, packing, ctx_backend) if self.head is not None else None,
-            hidden_states=tuple(packing.patch_tokens(h) for h in hidden) if hidden is not None else None,
+            last_hidden_state=select(last),
+            prefix_tokens=packing.prefix_tokens(last),
+            pooler_output=self.head(normed, packing, ctx_backend) if self.head is not None else None,
+            hidden_states=hidden,
             packing=packing,
+            layers=picked,
         )
+
+    def _layer_indices(self, output_layers: int | Sequence[int] | None) -> tuple[int, ...] | None:
+        """``output_layers`` as non-negative hidden-state indices (``None`` stays ``None``)."""
+        if output_layers is None:
+            return None
+        asked = (output_layers,) if isinstance(output_layers, int) else tuple(output_layers)
+        n = self.config.num_layers
+        if not asked:
+            raise ValueError("output_layers is empty; pass None for the final output")
+        for i in asked:
+            if not isinstance(i, int) or isinstance(i, bool) or not -(n + 1) <= i <= n:
+                raise ValueError(
+                    f"output_layers entry {i!r} is out of range: this model has layers 0 (embeddings) to {n}, "
+                    f"or -{n + 1} to -1 from the end"
+                )
+        return tuple(i % (n + 1) for i in asked)

@@ -20,6 +20,7 @@ def build_model(
     attn_backend: str = "auto",
     patch_layout: str | None = None,
     pos_resize: str | None = None,
+    merge_size: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> PackedVisionEncoder:
@@ -43,6 +44,8 @@ def build_model(
                 f"pos_resize applies to learned position tables; this model uses {config.positions}"
             )
         changes["pos_resize"] = pos_resize
+    if merge_size is not None:
+        changes["merge_size"] = merge_size
     config = config.replace(**changes) if changes else config
     with torch.device("meta"):
         model = PackedVisionEncoder(config, attn_backend=attn_backend)
@@ -57,6 +60,7 @@ def from_pretrained(
     attn_backend: str = "auto",
     patch_layout: str | None = None,
     pos_resize: str | None = None,
+    merge_size: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> PackedVisionEncoder:
@@ -70,6 +74,9 @@ def from_pretrained(
             weight is permuted once here; ``model.patchify`` follows it.
         pos_resize: for learned position tables only, override how other image sizes are handled
             (``"none"``, ``"bicubic"``, ``"bilinear_antialias"``).
+        merge_size: token order of inputs and outputs: ``1`` row-major, ``m > 1`` merge order (each ``m x m``
+            block of patches contiguous). Stored in ``model.config``, which ``model.patchify``,
+            :func:`packvit_native.preprocess` and the forward all follow.
         device, dtype: where and in what floating dtype to place the weights (default: CPU, checkpoint dtype).
 
     Returns:
@@ -87,5 +94,5 @@ def from_pretrained(
         config, state, _ = convert_loaded(ckpt.config, ckpt.preprocessor, load_state_dict(path))
     return build_model(
         config, state, attn_backend=attn_backend, patch_layout=patch_layout, pos_resize=pos_resize,
-        device=device, dtype=dtype,
+        merge_size=merge_size, device=device, dtype=dtype,
     )  # fmt: skip

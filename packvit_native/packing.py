@@ -2,9 +2,14 @@
 
 A batch of ``B`` entries described by ``grid_thw`` (frames, rows, columns in patches) becomes one sequence.
 Every frame of every entry is its own attention *segment*; each segment holds the family's prefix tokens
-(CLS, registers) followed by that frame's patches in row-major order::
+(CLS, registers) followed by that frame's patches::
 
     [p0 .. pk-1 | patches of frame 0] [p0 .. pk-1 | patches of frame 1] ...
+
+Patches of a frame are row-major, or with ``merge_size = m > 1`` in *merge order*: the frame is cut into
+``m x m`` blocks, blocks are visited row-major and each block's ``m*m`` patches come out row-major and
+contiguous (what a Qwen-style patch merger reshapes into ``[N / m^2, m^2 * D]`` without a gather). Position
+encodings read each patch's ``(row, col)`` from :attr:`Packing.patch_coords`, so they follow either order.
 
 All of it is built once per forward, before the layer loop, from host-side integers: ``cu_seqlens`` is int32,
 ``max_seqlen`` a Python int, and the index tensors are made on the CPU and copied to the device without
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Packing", "Segments", "validate_grid_thw"]
+__all__ = ["Packing", "Segments", "check_merge_size", "validate_grid_thw"]
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -80,6 +85,28 @@ def validate_grid_thw(grid_thw: Tensor | list | tuple) -> tuple[tuple[int, int, 
     return tuple((int(t), int(h), int(w)) for t, h, w in rows)
 
 
+def check_merge_size(grid: tuple[tuple[int, int, int], ...], merge_size: int) -> None:
+    """Raise ``ValueError`` unless every frame splits into whole ``merge_size x merge_size`` blocks."""
+    if not isinstance(merge_size, int) or isinstance(merge_size, bool) or merge_size < 1:
+        raise ValueError(f"merge_size must be a positive integer, got {merge_size!r}")
+    for i, (_, h, w) in enumerate(grid):
+        if h % merge_size or w % merge_size:
+            raise ValueError(
+                f"image {i} is {h}x{w} patches, which does not split into {merge_size}x{merge_size} merge "
+                f"blocks; resize it so rows and columns are multiples of {merge_size}"
+            )
+
+
+def _patch_position(local: Tensor, w: Tensor, merge_size: int) -> tuple[Tensor, Tensor]:
+    """(row, col) in its frame of the patch at index ``local`` of a frame ``w`` patches wide."""
+    if merge_size == 1:
+        return local // w, local % w
+    m = merge_size
+    block, inner = local // (m * m), local % (m * m)
+    blocks_per_row = w // m
+    return (block // blocks_per_row) * m + inner // m, (block % blocks_per_row) * m + inner % m
+
+
 @dataclass(frozen=True, eq=False)
 class Packing:
     """Where every token of a packed batch lives. Build it with :meth:`from_grid`.
@@ -94,6 +121,7 @@ class Packing:
         prefix_rows: ``[S * num_prefix]`` rows of the prefix tokens, segment-major (``None`` when there are none).
         patch_coords: ``[N, 4]`` int32 per patch: row, column, frame rows ``h``, frame columns ``w``.
         patch_segment: ``[N]`` int64 segment (frame) index of each patch.
+        merge_size: ``1`` for row-major patches, ``m`` for merge order (see the module docstring).
     """
 
     grid: tuple[tuple[int, int, int], ...]
@@ -105,14 +133,28 @@ class Packing:
     prefix_rows: Tensor | None
     patch_coords: Tensor
     patch_segment: Tensor
+    merge_size: int = 1
 
     @classmethod
     def from_grid(
-        cls, grid_thw: Tensor | list | tuple, num_prefix: int = 0, device: torch.device | str = "cpu"
+        cls,
+        grid_thw: Tensor | list | tuple,
+        num_prefix: int = 0,
+        device: torch.device | str = "cpu",
+        merge_size: int = 1,
     ) -> Packing:
-        """Build the packing of a batch from its ``grid_thw`` ``[B, 3]`` (frames, rows, columns)."""
+        """Build the packing of a batch from its ``grid_thw`` ``[B, 3]`` (frames, rows, columns).
+
+        Args:
+            grid_thw: frames, rows and columns (in patches) of every entry.
+            num_prefix: prefix tokens at the start of every segment.
+            device: where the index tensors go.
+            merge_size: ``m``: patches of each frame come in ``m x m`` blocks (merge order); every frame's rows
+                and columns must be multiples of ``m``.
+        """
         device = torch.device(device)
         grid = validate_grid_thw(grid_thw)
+        check_merge_size(grid, merge_size)
         frame_sizes = tuple((h, w) for t, h, w in grid for _ in range(t))
         patch_lengths = tuple(h * w for h, w in frame_sizes)
         num_segments = len(frame_sizes)
@@ -123,7 +165,7 @@ class Packing:
         seg_start = torch.cumsum(lengths, 0) - lengths  # [S]
         local = torch.arange(int(lengths.sum())) - seg_start[seg_of_patch]  # [N] index inside the frame
         h, w = sizes[seg_of_patch].unbind(1)
-        coords = torch.stack([local // w, local % w, h, w], dim=1).to(torch.int32)  # [N, 4]
+        coords = torch.stack([*_patch_position(local, w, merge_size), h, w], dim=1).to(torch.int32)  # [N, 4]
 
         patch_rows = prefix_rows = None
         if num_prefix:
@@ -142,6 +184,7 @@ class Packing:
             prefix_rows=prefix_rows,
             patch_coords=_to_device(coords, device),
             patch_segment=_to_device(seg_of_patch, device),
+            merge_size=merge_size,
         )
 
     @property

@@ -1,0 +1,265 @@
+"""From images (PIL images, tensors or files) to the packed ``(patches, grid_thw)`` a model takes.
+
+Every image is resized to whole patches with its aspect ratio kept as well as the grid allows, scaled to
+``[0, 1]``, normalised with the checkpoint's mean and std (``config.image_mean`` / ``config.image_std``) and cut
+into patches in the model's layout and token order. The target size follows one of three rules:
+
+``max_patches=N`` (SigLIP2 NaFlex)
+    The largest scale ``s`` whose grid fits ``N`` patches, found by bisection of ``s`` over ``[1e-6, 100]`` down
+    to a width of ``1e-5``; each side becomes ``max(f, ceil(side * s / f) * f)`` with ``f = patch_size *
+    merge_size``. Small images are upscaled too, so the budget is always nearly filled. With ``merge_size = 1``
+    this is the size transformers' ``Siglip2ImageProcessor`` picks.
+``min_pixels=..., max_pixels=...`` (Qwen2-VL smart resize)
+    Each side is rounded to the nearest multiple of ``f``. If the area then exceeds
+    ``max_pixels``, both sides are scaled by ``sqrt(max_pixels / area)`` and rounded down to multiples of
+    ``f``; if it falls below ``min_pixels``, they are scaled by ``sqrt(min_pixels / area)`` and rounded up.
+    Images within the budget keep (nearly) their native resolution. A side is never below ``f``.
+``size=(height, width)``
+    A fixed size in pixels (aspect ratio not kept): what a model whose learned position table cannot be
+    resized needs.
+
+With none given, :func:`default_resize` picks the family's rule: the trained grid for a learned table without
+resizing, ``max_patches=256`` for SigLIP2, else smart resize between ``16`` and ``1024`` patches' worth of
+pixels.
+
+Resampling: PIL images (and files) are resized by PIL itself, on 8-bit pixels, and converted to float as
+transformers' PIL image processors do (``uint8 -> float64 * 1/255 -> float32``, then ``(x - mean) / std`` in
+float32), so the patches are bit-identical to theirs. Tensors are resized with
+``torch.nn.functional.interpolate(antialias=True)`` in float32 on their own device (close to PIL, not bitwise:
+PIL rounds to 8 bits after resizing). No step loops over pixels in Python.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from .config import EncoderConfig
+from .patchify import patchify
+
+__all__ = [
+    "ImageLike",
+    "default_resize",
+    "load_image",
+    "naflex_size",
+    "preprocess",
+    "smart_size",
+    "target_size",
+]
+
+ImageLike = Image.Image | Tensor | str | os.PathLike
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# What each family's transformers image processor resamples with.
+_FAMILY_RESAMPLE = {"dinov3": "bilinear", "siglip2": "bilinear", "siglip": "bicubic", "aimv2": "bicubic"}
+
+
+def naflex_size(
+    height: int, width: int, patch_size: int, max_patches: int, factor: int | None = None
+) -> tuple[int, int]:
+    """Pixel size for the ``max_patches`` rule (see the module docstring); ``factor`` defaults to ``patch_size``."""
+    f = factor or patch_size
+    if max_patches < (f // patch_size) ** 2:
+        raise ValueError(f"max_patches={max_patches} cannot hold even one {f}x{f}-pixel block of patches")
+
+    def side(scale: float, n: int) -> int:
+        return max(f, math.ceil(n * scale / f) * f)
+
+    lo, hi = 1e-6, 100.0
+    while hi - lo >= 1e-5:
+        mid = (lo + hi) / 2
+        if (side(mid, height) // patch_size) * (side(mid, width) // patch_size) <= max_patches:
+            lo = mid
+        else:
+            hi = mid
+    return side(lo, height), side(lo, width)
+
+
+def smart_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Pixel size for the ``min_pixels`` / ``max_pixels`` rule (see the module docstring)."""
+    if not 0 <= min_pixels <= max_pixels:
+        raise ValueError(f"need 0 <= min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
+    if max_pixels < factor * factor:
+        raise ValueError(f"max_pixels={max_pixels} is below one {factor}x{factor} block")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        shrink = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / shrink / factor) * factor)
+        w = max(factor, math.floor(width / shrink / factor) * factor)
+    elif h * w < min_pixels:
+        grow = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * grow / factor) * factor, math.ceil(width * grow / factor) * factor
+    return max(factor, h), max(factor, w)  # a side under factor/2 with min_pixels = 0 would round to nothing
+
+
+def default_resize(config: EncoderConfig) -> dict[str, Any]:
+    """The resize rule :func:`preprocess` uses for ``config`` when the caller gives none."""
+    p = config.patch_size
+    if config.positions == "learned" and config.pos_resize == "none":
+        assert config.pos_grid is not None
+        return {"size": (config.pos_grid[0] * p, config.pos_grid[1] * p)}
+    if config.family == "siglip2":
+        return {"max_patches": 256}
+    return {"min_pixels": 16 * p * p, "max_pixels": 1024 * p * p}
+
+
+def target_size(
+    height: int,
+    width: int,
+    config: EncoderConfig,
+    *,
+    max_patches: int | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    size: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """Pixel ``(height, width)`` an image of ``height x width`` is resized to (rules in the module docstring)."""
+    given = {
+        k: v
+        for k, v in (
+            ("max_patches", max_patches),
+            ("min_pixels", min_pixels),
+            ("max_pixels", max_pixels),
+            ("size", size),
+        )
+        if v is not None
+    }
+    rule = given or default_resize(config)
+    if len({"max_patches", "size"} & set(rule)) + bool({"min_pixels", "max_pixels"} & set(rule)) > 1:
+        raise ValueError(
+            f"give one resize rule: max_patches, min_pixels/max_pixels, or size; got {sorted(given)}"
+        )
+    if height < 1 or width < 1:
+        raise ValueError(f"image of {height}x{width} pixels is empty")
+    p = config.patch_size
+    f = p * config.merge_size
+    if "size" in rule:
+        h, w = rule["size"]
+        if h % f or w % f or h < 1 or w < 1:
+            raise ValueError(
+                f"size={rule['size']} is not a positive multiple of {f} pixels on both sides "
+                f"(patch size {p} x merge size {config.merge_size})"
+            )
+        return h, w
+    if "max_patches" in rule:
+        return naflex_size(height, width, p, rule["max_patches"], factor=f)
+    base = default_resize(config)
+    lo = rule.get("min_pixels", base.get("min_pixels", 0))
+    hi = rule.get("max_pixels", base.get("max_pixels", 1024 * p * p))
+    return smart_size(height, width, f, lo, hi)
+
+
+def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
+    """Decode an image file fully (EXIF orientation applied) in ``mode``; ``ValueError`` naming it if unreadable."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im).convert(mode)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {os.fspath(path)}: {e}") from None
+
+
+def _mode(channels: int) -> str:
+    if channels not in (1, 3):
+        raise ValueError(f"PIL images and files need a 1- or 3-channel model, this one has {channels}")
+    return "RGB" if channels == 3 else "L"
+
+
+def _from_pil(image: Image.Image, hw: tuple[int, int], resample: str, channels: int) -> Tensor:
+    image = image if image.mode == _mode(channels) else image.convert(_mode(channels))
+    if image.size != (hw[1], hw[0]):
+        image = image.resize((hw[1], hw[0]), resample=_RESAMPLE[resample])
+    pixels = torch.from_numpy(np.asarray(image).copy()).reshape(hw[0], hw[1], channels)  # [H, W, C] uint8
+    # float64 * (1/255) then float32, as transformers rescales, so the values match its processors bit for bit.
+    return (pixels.permute(2, 0, 1).double() * (1 / 255)).float()[None]  # [1, C, H, W]
+
+
+def _from_tensor(image: Tensor, hw: tuple[int, int], resample: str) -> Tensor:
+    frames = image if image.ndim == 4 else image[None]  # [T, C, H, W]
+    frames = frames.double() * (1 / 255) if frames.dtype == torch.uint8 else frames
+    frames = frames.float()
+    if tuple(frames.shape[-2:]) == hw:
+        return frames
+    out = F.interpolate(frames, size=hw, mode=resample, align_corners=False, antialias=True)
+    return (
+        out.clamp_(0, 1) if resample == "bicubic" else out
+    )  # bicubic overshoots; PIL clips to the pixel range
+
+
+def preprocess(
+    images: ImageLike | Sequence[ImageLike],
+    model: Any,
+    *,
+    max_patches: int | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    size: tuple[int, int] | None = None,
+    resample: str | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Resize, normalise and patchify images into the packed input of ``model``.
+
+    Args:
+        images: one image or a list of them; each a PIL image, a file path, a ``[C, H, W]`` tensor (``uint8`` in
+            ``[0, 255]`` or floating in ``[0, 1]``) or a ``[T, C, H, W]`` clip (all frames share one size). A
+            single ``[B, C, H, W]`` tensor is a batch of images.
+        model: a :class:`~packvit_native.PackedVisionEncoder` or its :class:`~packvit_native.EncoderConfig`;
+            patch size, channels, mean/std, patch layout and ``merge_size`` come from it.
+        max_patches: NaFlex rule: fill a budget of this many patches per frame.
+        min_pixels, max_pixels: smart-resize rule: native resolution, clamped to this pixel area.
+        size: fixed ``(height, width)`` in pixels.
+        resample: ``"bilinear"`` or ``"bicubic"``; default: what the family's transformers processor uses.
+        device: where tensors are resized and the patches returned (default: the CPU).
+
+    Returns:
+        ``patches [N, C*p*p]`` float32 on ``device`` and ``grid_thw`` int64 ``[B, 3]`` on the CPU, ready for
+        ``model``.
+    """
+    config: EncoderConfig = model if isinstance(model, EncoderConfig) else model.config
+    resample = resample or _FAMILY_RESAMPLE.get(config.family, "bilinear")
+    if resample not in _RESAMPLE:
+        raise ValueError(f"resample must be one of {list(_RESAMPLE)}, got {resample!r}")
+    if isinstance(images, (Image.Image, str, os.PathLike)) or (
+        isinstance(images, Tensor) and images.ndim == 3
+    ):
+        images = [images]
+    elif isinstance(images, Tensor):
+        if images.ndim != 4:
+            raise ValueError(
+                f"an image tensor must be [C, H, W] or a batch [B, C, H, W], got {tuple(images.shape)}"
+            )
+        images = list(images.unbind(0))
+    if not images:
+        raise ValueError("no images to preprocess")
+    rule = {"max_patches": max_patches, "min_pixels": min_pixels, "max_pixels": max_pixels, "size": size}
+    c = config.num_channels
+    mean = torch.tensor(config.image_mean, dtype=torch.float32, device=device)[:, None, None]
+    std = torch.tensor(config.image_std, dtype=torch.float32, device=device)[:, None, None]
+    frames = []
+    for i, item in enumerate(images):
+        if isinstance(item, (str, os.PathLike)):
+            item = load_image(Path(item), _mode(c))
+        if isinstance(item, Image.Image):
+            x = _from_pil(item, target_size(item.height, item.width, config, **rule), resample, c).to(device)
+        elif isinstance(item, Tensor):
+            if item.ndim not in (3, 4) or item.shape[-3] != c:
+                raise ValueError(
+                    f"image {i}: a tensor must be [C, H, W] or [T, C, H, W] with C = {c}, got {tuple(item.shape)}"
+                )
+            hw = target_size(item.shape[-2], item.shape[-1], config, **rule)
+            x = _from_tensor(item.to(device), hw, resample)
+        else:
+            raise ValueError(
+                f"image {i}: expected a PIL image, a path or a tensor, got {type(item).__name__}"
+            )
+        frames.append((x - mean) / std)  # [T, C, H, W]
+    return patchify(frames, config.patch_size, layout=config.patch_layout, merge_size=config.merge_size)

@@ -1,0 +1,142 @@
+"""``packvit encode`` end to end: a folder with a corrupt file, token-budget batches, resume, packed output."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import packvit_native as pv
+from packvit_native.cli import find_images, main
+
+SIZES = {"a.png": (40, 60), "sub/b.jpg": (33, 17), "c.png": (8, 8), "sub/deeper/d.bmp": (24, 24)}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for name, (h, w) in SIZES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (root / "notes.txt").write_text("not an image, and not named like one")
+    return root
+
+
+def _encode(*args) -> int:
+    return main(["encode", *map(str, args), "--device", "cpu", "--workers", "2"])
+
+
+def test_encode_folder_reports_corrupt_file_and_resumes(tiny_reference, folder, tmp_path, capsys):
+    src = tiny_reference("dinov3", "gelu")
+    out = tmp_path / "features"
+    # a budget of 100 tokens splits the four images over several batches
+    assert _encode("--model", src, "--out", out, folder, "--max-tokens", 100) == 1
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "unreadable" in err
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.safetensors"))
+    assert written == ["a.safetensors", "c.safetensors", "sub/b.safetensors", "sub/deeper/d.safetensors"]
+    assert not list(out.rglob("*.tmp"))
+
+    model = pv.from_pretrained(src)
+    for name in SIZES:
+        stored = load_file(out / f"{name.rsplit('.', 1)[0]}.safetensors")
+        patches, grid = pv.preprocess(folder / name, model)
+        with torch.no_grad():
+            want = model(patches, grid)
+        assert torch.equal(stored["grid_thw"], grid)
+        torch.testing.assert_close(stored["features"], want, rtol=0, atol=1e-5)
+
+    # resume: nothing is rewritten, and the run says so
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    (out / "c.safetensors").unlink()
+    assert _encode("--model", src, "--out", out, folder, "--max-tokens", 100) == 1
+    err = capsys.readouterr().err
+    assert "3 of 5 images are already in" in err and "encoded 1 images" in err
+    for p, t in mtimes.items():
+        if p.name != "c.safetensors":
+            assert p.stat().st_mtime_ns == t
+    assert (out / "c.safetensors").is_file()
+
+    # other settings into the same folder are refused, not mixed in
+    assert _encode("--model", src, "--out", out, folder, "--layers=-2") == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_encode_packed_layers_and_prefix(tiny_reference, folder, tmp_path, capsys):
+    src = tiny_reference("dinov3", "gelu")
+    out = tmp_path / "packed"
+    inputs = [folder / "a.png", folder / "sub", folder / "c.png"]
+    args = ["--model", src, "--out", out, *inputs, "--format", "packed", "--layers=-2,-1", "--prefix"]
+    assert _encode(*args, "--max-tokens", 50, "--merge-size", "2", "--max-patches", "24") == 0
+    parts = sorted(out.glob("part-*.safetensors"))
+    assert len(parts) >= 2
+    names, features, grids, prefixes = [], [], [], []
+    for part in parts:
+        with safe_open(part, "pt") as f:
+            names += json.loads(f.metadata()["names"])
+        t = load_file(part)
+        assert set(t) == {"grid_thw", "features.-2", "features.-1", "prefix.-2", "prefix.-1"}
+        features.append(t["features.-2"])
+        grids.append(t["grid_thw"])
+        prefixes.append(t["prefix.-2"])
+    assert names == ["a", "b", "deeper/d", "c"]
+
+    model = pv.from_pretrained(src, merge_size=2)
+    patches, grid = pv.preprocess(
+        [folder / n for n in ("a.png", "sub/b.jpg", "sub/deeper/d.bmp", "c.png")], model, max_patches=24
+    )
+    with torch.no_grad():
+        want = model(patches, grid, output_layers=-2, return_dict=True, return_prefix=True)
+    packing = want.packing
+    assert torch.equal(torch.cat(grids), grid)
+    torch.testing.assert_close(torch.cat(features), packing.patch_tokens(want.layers[0]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(prefixes), packing.prefix_tokens(want.layers[0]), rtol=0, atol=1e-5)
+
+    # a rerun finds every name in the parts' metadata
+    assert _encode(*args, "--max-tokens", 50, "--merge-size", "2", "--max-patches", "24") == 0
+    assert "nothing left to encode" in capsys.readouterr().err
+    assert sorted(out.glob("part-*.safetensors")) == parts
+
+
+def test_input_errors(tmp_path, folder, capsys):
+    with pytest.raises(ValueError, match="no such file"):
+        find_images([tmp_path / "missing"])
+    (tmp_path / "a.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="same name"):
+        find_images([folder, tmp_path / "a.jpg"])
+    assert _encode("--model", tmp_path / "nowhere", "--out", tmp_path / "o", folder) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_interrupted_run_leaves_whole_files_and_resumes(
+    tiny_reference, folder, tmp_path, monkeypatch, capsys
+):
+    import packvit_native.cli as cli
+
+    src = tiny_reference("dinov3", "gelu")
+    out = tmp_path / "features"
+    real_save, calls = cli.save_file, []
+
+    def save_then_interrupt(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:  # half a file, then the user presses Ctrl-C
+                f.write(b"partial")
+            raise KeyboardInterrupt
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(cli, "save_file", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _encode("--model", src, "--out", out, folder, "--max-tokens", 1)
+    assert len(list(out.rglob("*.safetensors"))) == 1
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+    monkeypatch.setattr(cli, "save_file", real_save)
+    capsys.readouterr()
+    assert _encode("--model", src, "--out", out, folder) == 1  # broken.jpg is still unreadable
+    assert "1 of 5 images are already in" in capsys.readouterr().err
+    assert len(list(out.rglob("*.safetensors"))) == len(SIZES)

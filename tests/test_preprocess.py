@@ -1,0 +1,152 @@
+"""pv.preprocess against transformers' own image processors (PIL backends), plus its other input kinds."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen2VLImageProcessorPil, Siglip2ImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
+
+import packvit_native as pv
+from packvit_native.preprocess import default_resize, naflex_size, smart_size, target_size
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# square, wide, tall, tiny (upscaled), extreme aspect, already on the grid
+SIZES = [(300, 500), (37, 91), (480, 320), (10, 10), (20, 400), (64, 64)]
+
+
+def _config(**changes) -> pv.EncoderConfig:
+    base = {
+        "family": "dinov3",
+        "patch_size": 16,
+        "hidden_size": 32,
+        "num_layers": 1,
+        "num_heads": 4,
+        "mlp_hidden": 48,
+    }
+    return pv.EncoderConfig(**{**base, **changes}).validate()
+
+
+def _siglip2_config(**changes) -> pv.EncoderConfig:
+    return _config(
+        family="siglip2", positions="learned", pos_grid=(4, 4), pos_resize="bilinear_antialias",
+        patch_layout="ppc", image_mean=(0.5,) * 3, image_std=(0.5,) * 3, **changes,
+    )  # fmt: skip
+
+
+def _images(sizes=SIZES, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+@pytest.mark.parametrize("max_patches", [64, 256])
+def test_siglip2_naflex_matches_transformers_processor(max_patches):
+    images = _images()
+    ref = Siglip2ImageProcessorPil(max_num_patches=max_patches)(images, return_tensors="pt")
+    patches, grid = pv.preprocess(images, _siglip2_config(), max_patches=max_patches)
+    assert grid[:, 0].tolist() == [1] * len(images)
+    assert grid[:, 1:].tolist() == ref["spatial_shapes"].tolist()
+    counts = ref["pixel_attention_mask"].sum(1).tolist()
+    expected = torch.cat([ref["pixel_values"][i, :n] for i, n in enumerate(counts)])
+    assert torch.equal(patches, expected)
+
+
+def test_siglip2_default_rule_is_256_patches():
+    assert default_resize(_siglip2_config()) == {"max_patches": 256}
+    images = _images(SIZES[:2])
+    ref = Siglip2ImageProcessorPil()(images, return_tensors="pt")
+    _, grid = pv.preprocess(images, _siglip2_config())
+    assert grid[:, 1:].tolist() == ref["spatial_shapes"].tolist()
+
+
+def test_naflex_and_smart_sizes_match_transformers():
+    for h in range(1, 700, 23):
+        for w in range(1, 1300, 41):
+            for budget in (1, 16, 256, 1024):
+                assert naflex_size(h, w, 16, budget) == get_image_size_for_max_num_patches(h, w, 16, budget)
+            for lo, hi in ((56 * 56, 28 * 28 * 64), (28 * 28 * 40, 28 * 28 * 1280)):
+                if max(h, w) / min(h, w) <= 200:  # transformers refuses wilder aspect ratios
+                    assert smart_size(h, w, 28, lo, hi) == smart_resize(h, w, 28, lo, hi), (h, w, lo, hi)
+
+
+def test_qwen2vl_smart_resize_and_merge_order_match_transformers_processor():
+    """Qwen2-VL's processor: smart resize to multiples of 28, bicubic, CLIP stats, patches in 2x2 merge order."""
+    images = _images()
+    lo, hi = 56 * 56, 28 * 28 * 64
+    ref = Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi)(images, return_tensors="pt")
+    config = _config(patch_size=14, merge_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    patches, grid = pv.preprocess(images, config, min_pixels=lo, max_pixels=hi, resample="bicubic")
+    assert grid.tolist() == ref["image_grid_thw"].tolist()
+    # Qwen repeats each still image over 2 temporal slots, (c, t, y, x) inside a patch: take slot 0.
+    expected = ref["pixel_values"].reshape(-1, 3, 2, 14, 14)[:, :, 0].reshape(-1, 3 * 14 * 14)
+    assert torch.equal(patches, expected)
+
+
+def test_tensor_inputs_agree_with_pil():
+    images = _images([(64, 48), (50, 70)])
+    as_uint8 = [torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in images]
+    config = _config()
+    # on the grid already: no resize, so every input kind gives the same bits
+    a, ga = pv.preprocess(images[0], config, size=(64, 48))
+    b, gb = pv.preprocess(as_uint8[0], config, size=(64, 48))
+    c, gc = pv.preprocess(as_uint8[0].float() / 255, config, size=(64, 48))
+    assert torch.equal(a, b) and torch.equal(ga, gb) and torch.equal(gb, gc)
+    torch.testing.assert_close(b, c, rtol=0, atol=1e-5)
+    # resized: torch's antialiased bilinear follows PIL's up to PIL's 8-bit rounding
+    a, ga = pv.preprocess(images, config, max_patches=40)
+    b, gb = pv.preprocess(as_uint8, config, max_patches=40)
+    assert torch.equal(ga, gb)
+    assert (a - b).abs().max() <= 1.5 / 255 / min(config.image_std)
+    # a batched [B, C, H, W] tensor is B images; a [T, C, H, W] clip in a list is one entry of t = T
+    batch = torch.rand(2, 3, 32, 32)
+    _, grid = pv.preprocess(batch, config, size=(32, 32))
+    assert grid.tolist() == [[1, 2, 2], [1, 2, 2]]
+    _, grid = pv.preprocess([batch], config, size=(32, 32))
+    assert grid.tolist() == [[2, 2, 2]]
+
+
+def test_paths_grayscale_and_model_argument(tmp_path, tiny_reference):
+    images = _images([(40, 24)])
+    images[0].save(tmp_path / "x.png")
+    images[0].convert("L").save(tmp_path / "gray.png")
+    model = pv.from_pretrained(tiny_reference("dinov3", "gelu"))
+    from_path, g1 = pv.preprocess(str(tmp_path / "x.png"), model)
+    from_pil, g2 = pv.preprocess(images[0], model.config)
+    assert torch.equal(from_path, from_pil) and torch.equal(g1, g2)
+    gray, grid = pv.preprocess(tmp_path / "gray.png", model)
+    c = gray.reshape(gray.shape[0], 3, -1)  # DINOv3 patches are (c, y, x): equal pixels in every channel
+    std, mean = torch.tensor(model.config.image_std), torch.tensor(model.config.image_mean)
+    raw = c * std[:, None] + mean[:, None]
+    torch.testing.assert_close(raw[:, 0], raw[:, 1], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert model(gray, grid).shape == (int(grid.prod()), model.config.hidden_size)
+
+
+def test_default_rules_per_position_kind():
+    fixed = _config(positions="learned", pos_grid=(3, 5), family="siglip")
+    assert target_size(480, 640, fixed) == (48, 80)
+    assert default_resize(_config()) == {"min_pixels": 16 * 16 * 16, "max_pixels": 1024 * 16 * 16}
+    assert target_size(64, 96, _config()) == (64, 96)  # within budget: native size
+    h, w = target_size(4000, 3000, _config())
+    assert h % 16 == w % 16 == 0 and h * w <= 1024 * 256 and abs(h / w - 4 / 3) < 0.05
+
+
+def test_bad_inputs_raise_value_error(tmp_path):
+    config = _config()
+    (tmp_path / "bad.jpg").write_bytes(b"\x00not an image")
+    with pytest.raises(ValueError, match=r"bad\.jpg"):
+        pv.preprocess(tmp_path / "bad.jpg", config)
+    with pytest.raises(ValueError, match="one resize rule"):
+        pv.preprocess(_images([(20, 20)]), config, max_patches=16, max_pixels=4096)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pv.preprocess(_images([(20, 20)]), config, size=(20, 20))
+    with pytest.raises(ValueError, match="C = 3"):
+        pv.preprocess(torch.rand(1, 4, 20, 20)[0, :2], config)
+    with pytest.raises(ValueError, match="resample"):
+        pv.preprocess(_images([(20, 20)]), config, resample="lanczos")
+    with pytest.raises(ValueError, match="no images"):
+        pv.preprocess([], config)
+    with pytest.raises(ValueError, match="merge"):
+        pv.preprocess(_images([(20, 20)]), config.replace(merge_size=2), size=(48, 64))
