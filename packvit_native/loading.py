@@ -69,7 +69,9 @@ def from_pretrained(
         patch_layout: ``"cpp"`` or ``"ppc"``: the per-patch element order your inputs use. The patch-embedding
             weight is permuted once here; ``model.patchify`` follows it.
         pos_resize: for learned position tables only, override how other image sizes are handled
-            (``"none"``, ``"bicubic"``, ``"bilinear_antialias"``).
+            (``"none"``, ``"bicubic"``, ``"bilinear_antialias"``). Fixed-size AIMv2 checkpoints load with
+            ``"none"`` (transformers runs them at their trained size only); ``"bicubic"`` is an extension that
+            resizes their table as SigLIP does.
         device, dtype: where and in what floating dtype to place the weights (default: CPU, checkpoint dtype).
 
     Returns:

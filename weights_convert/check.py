@@ -1,8 +1,10 @@
 """``packvit-check``: convert a checkpoint, encode a packed batch of mixed sizes, and compare with transformers.
 
-With no argument it runs on an embedded default: a small DINOv3 built deterministically from a transformers
-config (no network, no GPU). Given a hub id or a transformers directory it checks that checkpoint instead.
-Every image of the packed batch is compared with transformers run on that image alone, in fp32 on the CPU.
+With no argument it runs on an embedded default: a small model of ``--family`` (DINOv3 unless told) and
+``--variant``, built deterministically from a transformers config (no network, no GPU). Given a hub id or a
+transformers directory it checks that checkpoint instead (a two-tower checkpoint against its vision tower).
+Every image of the packed batch is compared with transformers run on that image alone, in fp32 on the CPU; a
+fixed-size AIMv2 (learned table, no interpolation in transformers) is checked on images of its trained size.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from .convert import FAMILIES, convert_checkpoint, describe_dropped, family_for,
 from .errors import ConversionError
 from .sources import read_checkpoint
 
-__all__ = ["compare_with_reference", "mixed_batch", "parity_images", "save_tiny_reference"]
+__all__ = ["compare_with_reference", "load_reference", "mixed_batch", "parity_images", "save_tiny_reference"]
 
 
 def save_tiny_reference(family: str, variant: str, out_dir: Path, seed: int = 0) -> Path:
     """Build a small transformers model of ``family`` with seeded random weights and save_pretrained it.
 
     transformers initialises biases to zero and norm weights to one; those are perturbed too, so that a bias
-    or norm weight mapped to the wrong place cannot go unnoticed.
+    or norm weight mapped to the wrong place cannot go unnoticed. Learned query tokens (``[1, 1, D]``) get unit
+    scale, so that pooling heads attend sharply enough for a wrong attention to show.
     """
     import transformers
 
@@ -43,6 +46,8 @@ def save_tiny_reference(family: str, variant: str, out_dir: Path, seed: int = 0)
         for param in model.parameters():
             if param.ndim == 1:
                 param.add_(torch.randn_like(param), alpha=0.1)
+            elif param.ndim == 3 and param.shape[:2] == (1, 1):
+                param.add_(torch.randn_like(param))
     model.save_pretrained(out_dir)
     return out_dir
 
@@ -105,7 +110,8 @@ def _diff(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def _load_reference(path: Path) -> Any:
+def load_reference(path: Path) -> Any:
+    """transformers' vision model of a checkpoint directory, in fp32 eval mode with SDPA attention."""
     import transformers
 
     ckpt = read_checkpoint(path)
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"packvit-check: error: {e}", file=sys.stderr)
             return 2
         model = pv.from_pretrained(out, attn_backend="sdpa", dtype=torch.float32)
-        hf_model = _load_reference(src)
+        hf_model = load_reference(src)
         images = parity_images(config)
         rows = compare_with_reference(model, hf_model, images)
     print(

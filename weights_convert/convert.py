@@ -69,13 +69,17 @@ def convert_checkpoint(
 
 def describe_dropped(dropped: list[str]) -> str:
     """One line naming what a conversion left out, the text tower of a two-tower checkpoint by name."""
+
+    def count(n: int) -> str:
+        return f"{n} tensor" + ("s" if n != 1 else "")
+
     groups: dict[str, list[str]] = {}
     for key in dropped:
         groups.setdefault(key.split(".")[0] if "." in key else key, []).append(key)
     parts = []
     for top, keys in groups.items():
         if top in TEXT_TOWERS:
-            parts.insert(0, f"the text tower ({top}.*, {len(keys)} tensors)")
+            parts.insert(0, f"the text tower ({top}.*, {count(len(keys))})")
         else:
-            parts.append(keys[0] if len(keys) == 1 else f"{top}.* ({len(keys)} tensors)")
-    return f"dropped {len(dropped)} source tensors not part of the vision encoder: " + ", ".join(parts)
+            parts.append(keys[0] if len(keys) == 1 else f"{top}.* ({count(len(keys))})")
+    return f"dropped {count(len(dropped))} not part of the vision encoder: " + ", ".join(parts)
