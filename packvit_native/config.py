@@ -145,6 +145,12 @@ class EncoderConfig:
             raise ValueError(f"2D sin-cos positions need hidden_size divisible by 4, got {self.hidden_size}")
         if (self.positions == "learned") != (self.pos_grid is not None):
             raise ValueError("pos_grid is required with learned positions and only with them")
+        if self.pos_grid is not None and (
+            len(self.pos_grid) != 2 or any(not isinstance(n, int) or n < 1 for n in self.pos_grid)
+        ):
+            raise ValueError(f"pos_grid must be (rows, cols) of positive integers, got {self.pos_grid!r}")
+        if self.pos_resize != "none" and self.positions != "learned":
+            raise ValueError(f"pos_resize applies to learned positions only, not {self.positions!r}")
         if self.num_cls not in (0, 1) or self.num_registers < 0:
             raise ValueError("num_cls must be 0 or 1 and num_registers >= 0")
         if self.head == "cls" and not self.num_cls:

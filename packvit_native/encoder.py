@@ -187,7 +187,7 @@ class PackedVisionEncoder(nn.Module):
         if isinstance(self.positions, Rope2D):
             rope = self.positions(packing, x.dtype)
         else:
-            # The table is cast to the activation dtype before the add, as the reference does.
+            # The table is cast to the activation dtype before the add, as the references do.
             x = x + self.positions(packing).to(x.dtype)
         x = packing.insert_prefix(x, self.prefix)  # [T, D]
         ctx = BlockContext(packing.tokens, ctx_backend, rope)

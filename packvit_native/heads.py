@@ -1,13 +1,21 @@
-"""Pooling heads: one pooled vector per segment, computed from the final packed tokens."""
+"""Pooling heads: one pooled vector per segment, computed from the final packed tokens.
+
+The two attention-pooling heads let one learned query per segment attend over that segment's tokens. The
+queries form a packed sequence of their own (one row per segment) and the keys are the encoder's packed tokens,
+so a single varlen cross-attention call pools the whole batch with no padding and no mask.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
+from .attention import varlen_attention
 from .config import EncoderConfig
-from .packing import Packing
+from .layers import Mlp, make_norm
+from .packing import Packing, Segments
 
-__all__ = ["ClsHead", "build_head"]
+__all__ = ["AttentionPoolHead", "ClsHead", "MapHead", "build_head"]
 
 
 class ClsHead(nn.Module):
@@ -17,7 +25,68 @@ class ClsHead(nn.Module):
         return packing.prefix_tokens(x)[:, 0]  # [S, D]
 
 
+class _QueryPool(nn.Module):
+    """Shared part of the attention-pooling heads: one query per segment over that segment's tokens."""
+
+    def __init__(self, config: EncoderConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.kv = nn.Linear(d, 2 * d, bias=config.qkv_bias, device=device, dtype=dtype)
+
+    def pool(self, query: Tensor, x: Tensor, packing: Packing, backend: str) -> Tensor:
+        """``query [1, D]`` (already projected) attends over each segment of ``x [T, D]`` -> ``[S, D]``."""
+        s = packing.num_segments
+        # Built once per forward from host-side ints: one query row per segment, no device sync.
+        q_segments = Segments.from_lengths((1,) * s, x.device)
+        q = query.reshape(1, self.num_heads, self.head_dim).expand(s, -1, -1).contiguous()  # [S, H, Dh]
+        k, v = self.kv(x).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(1)  # [T, H, Dh] each
+        out = varlen_attention(q, k, v, q_segments, packing.tokens, backend, self.scale)  # [S, H, Dh]
+        return out.flatten(1)  # [S, D]
+
+
+class MapHead(_QueryPool):
+    """SigLIP's multi-head attention pooling: a learned probe, projected to a query, attends over the tokens;
+    then ``a + mlp(norm(a))`` (the probe itself is not added back). Widths, activation and norm epsilon are
+    the trunk's, as in SigLIP and SigLIP2.
+    """
+
+    def __init__(self, config: EncoderConfig, device=None, dtype=None) -> None:
+        super().__init__(config, device=device, dtype=dtype)
+        d = config.hidden_size
+        self.probe = nn.Parameter(torch.zeros(1, d, device=device, dtype=dtype))
+        self.q = nn.Linear(d, d, bias=config.qkv_bias, device=device, dtype=dtype)
+        self.proj = nn.Linear(d, d, bias=config.proj_bias, device=device, dtype=dtype)
+        self.norm = make_norm(config, device=device, dtype=dtype)
+        self.mlp = Mlp(config, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, packing: Packing, backend: str) -> Tensor:
+        a = self.proj(self.pool(self.q(self.probe), x, packing, backend))  # [S, D]
+        return a + self.mlp(self.norm(a))
+
+
+class AttentionPoolHead(_QueryPool):
+    """AIMv2's attention pooling: the raw learned query (no projection, no norm) attends over the tokens,
+    followed by an output projection that always has a bias (key/value biases follow ``qkv_bias``).
+    """
+
+    def __init__(self, config: EncoderConfig, device=None, dtype=None) -> None:
+        super().__init__(config, device=device, dtype=dtype)
+        d = config.hidden_size
+        self.query = nn.Parameter(torch.zeros(1, d, device=device, dtype=dtype))
+        self.proj = nn.Linear(d, d, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, packing: Packing, backend: str) -> Tensor:
+        return self.proj(self.pool(self.query.to(x.dtype), x, packing, backend))  # [S, D]
+
+
 def build_head(config: EncoderConfig, device=None, dtype=None) -> nn.Module | None:
     if config.head == "cls":
         return ClsHead()
+    if config.head == "map":
+        return MapHead(config, device=device, dtype=dtype)
+    if config.head == "attention_pool":
+        return AttentionPoolHead(config, device=device, dtype=dtype)
     return None

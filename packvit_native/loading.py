@@ -73,7 +73,9 @@ def from_pretrained(
         patch_layout: ``"cpp"`` or ``"ppc"``: the per-patch element order your inputs use. The patch-embedding
             weight is permuted once here; ``model.patchify`` follows it.
         pos_resize: for learned position tables only, override how other image sizes are handled
-            (``"none"``, ``"bicubic"``, ``"bilinear_antialias"``).
+            (``"none"``, ``"bicubic"``, ``"bilinear_antialias"``). Fixed-size AIMv2 checkpoints load with
+            ``"none"`` (transformers runs them at their trained size only); ``"bicubic"`` is an extension that
+            resizes their table as SigLIP does.
         merge_size: token order of inputs and outputs: ``1`` row-major, ``m > 1`` merge order (each ``m x m``
             block of patches contiguous). Stored in ``model.config``, which ``model.patchify``,
             :func:`packvit_native.preprocess` and the forward all follow.

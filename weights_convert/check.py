@@ -1,8 +1,10 @@
 """``packvit-check``: convert a checkpoint, encode a packed batch of mixed sizes, and compare with transformers.
 
-With no argument it runs on an embedded default: a small DINOv3 built deterministically from a transformers
-config (no network, no GPU). Given a hub id or a transformers directory it checks that checkpoint instead.
-Every image of the packed batch is compared with transformers run on that image alone, in fp32 on the CPU.
+With no argument it runs on an embedded default: a small model of ``--family`` (DINOv3 unless told) and
+``--variant``, built deterministically from a transformers config (no network, no GPU). Given a hub id or a
+transformers directory it checks that checkpoint instead (a two-tower checkpoint against its vision tower).
+Every image of the packed batch is compared with transformers run on that image alone, in fp32 on the CPU; a
+fixed-size AIMv2 (learned table, no interpolation in transformers) is checked on images of its trained size.
 """
 
 from __future__ import annotations
@@ -18,15 +20,20 @@ from torch import Tensor
 
 import packvit_native as pv
 
-from .convert import convert_checkpoint, family_for, family_named
+from .convert import FAMILIES, convert_checkpoint, describe_dropped, family_for, family_named
 from .errors import ConversionError
 from .sources import read_checkpoint
 
-__all__ = ["compare_with_reference", "mixed_batch", "save_tiny_reference"]
+__all__ = ["compare_with_reference", "load_reference", "mixed_batch", "parity_images", "save_tiny_reference"]
 
 
 def save_tiny_reference(family: str, variant: str, out_dir: Path, seed: int = 0) -> Path:
-    """Build a small transformers model of ``family`` with seeded random weights and save_pretrained it."""
+    """Build a small transformers model of ``family`` with seeded random weights and save_pretrained it.
+
+    transformers initialises biases to zero and norm weights to one; those are perturbed too, so that a bias
+    or norm weight mapped to the wrong place cannot go unnoticed. Learned query tokens (``[1, 1, D]``) get unit
+    scale, so that pooling heads attend sharply enough for a wrong attention to show.
+    """
     import transformers
 
     fam = family_named(family)
@@ -34,7 +41,13 @@ def save_tiny_reference(family: str, variant: str, out_dir: Path, seed: int = 0)
     config_cls = transformers.AutoConfig.for_model(hf_cfg["model_type"]).__class__
     cfg = config_cls(**{k: v for k, v in hf_cfg.items() if k != "model_type"})
     torch.manual_seed(seed)
-    model = getattr(transformers, fam.HF_CLASS)(cfg)
+    model = transformers.AutoModel.from_config(cfg)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(torch.randn_like(param), alpha=0.1)
+            elif param.ndim == 3 and param.shape[:2] == (1, 1):
+                param.add_(torch.randn_like(param))
     model.save_pretrained(out_dir)
     return out_dir
 
@@ -49,6 +62,18 @@ def mixed_batch(patch_size: int, channels: int = 3, seed: int = 0) -> list[Tenso
         x = torch.randn(t, channels, h * p, w * p, generator=g)
         images.append(x if t > 1 else x[0])
     return images
+
+
+def parity_images(config: pv.EncoderConfig, seed: int = 0) -> list[Tensor]:
+    """The batch to check a model with: :func:`mixed_batch`, or, for a learned table that accepts only its
+    trained size (AIMv2 at fixed resolution, as transformers runs it), images and a clip of that size."""
+    if config.positions == "learned" and config.pos_resize == "none":
+        g = torch.Generator().manual_seed(seed)
+        h, w = (n * config.patch_size for n in config.pos_grid)
+        c = config.num_channels
+        return [torch.randn(c, h, w, generator=g), torch.randn(2, c, h, w, generator=g),
+                torch.randn(c, h, w, generator=g)]  # fmt: skip
+    return mixed_batch(config.patch_size, config.num_channels, seed)
 
 
 def compare_with_reference(
@@ -85,10 +110,16 @@ def _diff(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def _load_reference(path: Path) -> Any:
+def load_reference(path: Path) -> Any:
+    """transformers' vision model of a checkpoint directory, in fp32 eval mode with SDPA attention."""
     import transformers
 
     ckpt = read_checkpoint(path)
+    if "vision_config" in ckpt.config:
+        # A two-tower checkpoint: load the whole model and keep its vision tower (transformers' vision-only
+        # AIMv2 class would silently load nothing from it).
+        full = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa")
+        return full.vision_model.eval().float()
     fam = family_for(ckpt.config.get("model_type"))
     return (
         getattr(transformers, fam.HF_CLASS).from_pretrained(path, attn_implementation="sdpa").eval().float()
@@ -100,12 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "src", nargs="?", help="hub id or transformers directory (default: embedded tiny model)"
     )
-    parser.add_argument("--family", default="dinov3", help="family of the embedded default (default: dinov3)")
+    families = {fam.NAME: fam for fam in FAMILIES}
     parser.add_argument(
-        "--variant", default="gelu", help="variant of the embedded default, e.g. gelu or swiglu"
+        "--family", default="dinov3", choices=sorted(families), help="family of the embedded default"
+    )
+    parser.add_argument(
+        "--variant",
+        help="variant of the embedded default (default: the family's first): "
+        + "; ".join(f"{name}: {', '.join(fam.VARIANTS)}" for name, fam in families.items()),
     )
     parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed max abs difference")
     args = parser.parse_args(argv)
+    variant = args.variant or families[args.family].VARIANTS[0]
+    if variant not in families[args.family].VARIANTS:
+        parser.error(
+            f"{args.family} has no variant {variant!r}; choose from {families[args.family].VARIANTS}"
+        )
     torch.set_grad_enabled(False)
     import transformers
 
@@ -113,18 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             if args.src is None:
-                src = save_tiny_reference(args.family, args.variant, Path(tmp) / "reference")
-                print(f"built a tiny {args.family} ({args.variant}) with transformers, seed 0: {src.name}")
+                src = save_tiny_reference(args.family, variant, Path(tmp) / "reference")
+                print(f"built a tiny {args.family} ({variant}) with transformers, seed 0: {src.name}")
             else:
                 src = read_checkpoint(args.src).path
-            config, state, _ = convert_checkpoint(src, dtype=torch.float32)
+            config, state, dropped = convert_checkpoint(src, dtype=torch.float32)
+            if dropped:
+                print(describe_dropped(dropped))
             out = pv.io.save_native(Path(tmp) / "converted", config, state)
         except ConversionError as e:
             print(f"packvit-check: error: {e}", file=sys.stderr)
             return 2
         model = pv.from_pretrained(out, attn_backend="sdpa", dtype=torch.float32)
-        hf_model = _load_reference(src)
-        images = mixed_batch(config.patch_size, config.num_channels)
+        hf_model = load_reference(src)
+        images = parity_images(config)
         rows = compare_with_reference(model, hf_model, images)
     print(
         f"converted -> packed forward of {len(images)} images ({len(rows)} frames) vs transformers per image, fp32:"

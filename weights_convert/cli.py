@@ -9,7 +9,7 @@ import torch
 
 from packvit_native.io import save_native
 
-from .convert import convert_checkpoint
+from .convert import convert_checkpoint, describe_dropped
 from .errors import ConversionError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,10 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         f"converted {config.family} ({config.num_layers} layers, width {config.hidden_size}, {n / 1e6:.1f}M params)"
     )
     if dropped:
-        print(
-            f"dropped {len(dropped)} source tensors not part of the vision encoder: {', '.join(dropped[:4])}"
-            + (", ..." if len(dropped) > 4 else "")
-        )
+        print(describe_dropped(dropped))
     print(f"wrote {out}/config.json and {out}/model.safetensors")
     return 0
 

@@ -78,6 +78,33 @@ class Converted:
             )
         self.put(key, w.reshape(w.shape[0], -1), s)
 
+    def split(self, key: str, parts: list[str]) -> None:
+        """Cut one tensor into equal parts along dim 0 (a fused in-projection -> its q and k/v rows)."""
+        t, s = self.pop(key)
+        if t.shape[0] % len(parts):
+            raise ConversionError(
+                f"{s[0]}: cannot split shape {tuple(t.shape)} into {len(parts)} equal parts"
+            )
+        for name, chunk in zip(parts, t.chunk(len(parts)), strict=True):
+            self.put(name, chunk, s)
+
+    def as_rows(self, key: str) -> None:
+        """A token or table stored with leading singleton axes (``[1, n, D]``) -> ``[n, D]``."""
+        t, s = self.pop(key)
+        if t.ndim < 2 or any(n != 1 for n in t.shape[:-2]):
+            raise ConversionError(f"{s[0]}: expected shape [1, n, D] or [n, D], got {tuple(t.shape)}")
+        self.put(key, t.reshape(-1, t.shape[-1]), s)
+
+    def ppc_to_cpp(self, key: str, channels: int, patch: int) -> None:
+        """A patch ``Linear`` over (row, col, channel) inputs -> the same map over (channel, row, col)."""
+        w, s = self.pop(key)
+        if w.ndim != 2 or w.shape[1] != channels * patch * patch:
+            raise ConversionError(
+                f"{s[0]}: expected a linear patch weight [D, {patch}*{patch}*{channels}], got {tuple(w.shape)}"
+            )
+        w = w.reshape(-1, patch, patch, channels).permute(0, 3, 1, 2)  # [D, C, p, p]
+        self.put(key, w.reshape(w.shape[0], -1), s)
+
 
 def rename(state: dict[str, Tensor], table: dict[str, str | None]) -> Converted:
     """Apply an exact key table; an unknown key or a missing required key is an error naming it."""

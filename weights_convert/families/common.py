@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor
+
 from ..errors import ConversionError
 
-__all__ = ["ACTIVATIONS", "activation", "image_stats", "require"]
+__all__ = [
+    "ACTIVATIONS",
+    "activation",
+    "image_stats",
+    "require",
+    "square",
+    "tower_config",
+    "tower_state",
+    "with_defaults",
+]
 
 # transformers' activation names -> ours.
 ACTIVATIONS = {
@@ -54,3 +65,41 @@ def image_stats(
         mean = tuple(float(v) for v in preprocessor.get("image_mean", mean))
         std = tuple(float(v) for v in preprocessor.get("image_std", std))
     return {"image_mean": mean, "image_std": std}
+
+
+def with_defaults(cfg: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A config with the source library's defaults filled in: hub configs often omit default values."""
+    return {**defaults, **cfg}
+
+
+def tower_config(cfg: dict[str, Any], key: str = "vision_config") -> tuple[dict[str, Any], bool]:
+    """The vision tower's config and whether the checkpoint holds two towers (vision + text)."""
+    if key not in cfg:
+        return cfg, False
+    vision = cfg[key]
+    if not isinstance(vision, dict):
+        raise ConversionError(f"config.json {key!r} is not an object")
+    return vision, True
+
+
+def tower_state(
+    state: dict[str, Tensor], two_tower: bool, prefix: str
+) -> tuple[dict[str, Tensor], list[str]]:
+    """The vision tower's tensors with ``prefix`` removed, and the other keys of the checkpoint (dropped).
+
+    A two-tower checkpoint keeps its vision tower under ``prefix``; everything else (the text tower, the
+    projections, the logit scale) is not part of the encoder. A vision-only checkpoint may carry the prefix on
+    its keys (older transformers versions saved it) or not, but not both spellings of one key.
+    """
+    if two_tower:
+        vision = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if not vision:
+            raise ConversionError(f"this two-tower checkpoint has no vision tower tensors ({prefix}*)")
+        return vision, sorted(k for k in state if not k.startswith(prefix))
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        canon = key.removeprefix(prefix)
+        if canon in out:
+            raise ConversionError(f"{canon} appears both with and without the {prefix!r} prefix")
+        out[canon] = value
+    return out, []

@@ -6,6 +6,7 @@ write) and ``model.layer.N.`` (the module path inside transformers 5).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from torch import Tensor
@@ -19,10 +20,13 @@ from .common import activation, image_stats, require, square
 NAME = "dinov3"
 MODEL_TYPES = ("dinov3_vit",)
 HF_CLASS = "DINOv3ViTModel"
+VARIANTS = ("gelu", "swiglu")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def config_from_hf(cfg: dict[str, Any], preprocessor: dict[str, Any] | None) -> EncoderConfig:
+def config_from_hf(
+    cfg: dict[str, Any], preprocessor: dict[str, Any] | None, keys: Collection[str] = ()
+) -> EncoderConfig:
     gated = bool(cfg.get("use_gated_mlp", False))
     q, k, v = (bool(cfg.get(f"{n}_bias", d)) for n, d in (("query", True), ("key", False), ("value", True)))
     return EncoderConfig(
@@ -124,6 +128,8 @@ def convert_state_dict(state: dict[str, Tensor], cfg: dict[str, Any], config: En
 
 def tiny_hf_config(variant: str = "gelu") -> dict[str, Any]:
     """A small transformers config for demos and tests (``variant``: ``"gelu"`` MLP or ``"swiglu"``)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown dinov3 variant {variant!r}; choose one of {list(VARIANTS)}")
     gated = variant == "swiglu"
     return {
         "model_type": "dinov3_vit",
