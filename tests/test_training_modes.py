@@ -6,7 +6,6 @@ import pytest
 import torch
 import transformers
 
-import packvit_native as pv
 from packvit_native.layers import BlockContext, DropPath
 from packvit_native.loading import build_model
 from packvit_native.packing import Packing
