@@ -73,7 +73,7 @@ class ToyLanguageModel(nn.Module):
         lengths = [len(s) for s in seqs]
         x = nn.utils.rnn.pad_sequence(seqs, batch_first=True)  # [B, Lmax, dim]
         n = x.shape[1]
-        causal = torch.triu(torch.full((n, n), float("-inf"), device=x.device), 1)
+        causal = torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), 1)
         pad = torch.arange(n, device=x.device)[None] >= torch.tensor(lengths, device=x.device)[:, None]
         h = self.layer(x, src_mask=causal, src_key_padding_mask=pad)
         caption_len = captions.shape[1]
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=6, help="images per step")
     parser.add_argument("--lm-dim", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--checkpoint-every", type=int, default=0, help="activation checkpointing (0: off)")
     parser.add_argument("--compile", action="store_true", help="compile the encoder blocks")
     args = parser.parse_args(argv)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         print(f"step {step:3d}  loss {losses[-1]:.4f}  ({len(images)} images, {len(patches)} patches packed)")
     return losses
 
