@@ -13,12 +13,17 @@ fa4        FlashAttention-4 ``flash_attn.cute``           ``pip install flash-at
 fa3        FlashAttention-3 ``flash_attn_interface``      build ``hopper/`` of the flash-attention repo (Hopper)
 flash_attn FlashAttention-2 ``flash_attn``                ``pip install flash-attn --no-build-isolation``
 torch      ``torch.nn.attention.varlen.varlen_attn``      PyTorch >= 2.10 with CUDA (ships FlashAttention-2)
-sdpa       per-segment ``scaled_dot_product_attention``   always available; the reference, runs on CPU too
+sdpa       per-segment dense softmax in fp32              always available; the reference, runs on CPU too
 ========== ============================================== ======================================================
 
 FA4 leads because it measured fastest on Hopper (see ``benchmarks/``); it needs compute capability 9.0 or
 newer, so on older GPUs ``"auto"`` moves on to FA3 (also 9.0 only), FlashAttention-2 and PyTorch's kernel.
 On the CPU only ``sdpa`` runs.
+
+Training: every backend has a backward. Under ``torch.compile`` the FlashAttention-2/3 and PyTorch kernels are
+custom ops of their own; FA4 and the reference are wrapped here as a forward/backward pair of custom ops
+(:func:`define_varlen_op`), so a block traces into one graph whichever backend it uses, and a new batch
+(other segment lengths, other segment count) reuses that graph under dynamic shapes.
 """
 
 from __future__ import annotations
@@ -29,27 +34,138 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .packing import Segments
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend", "varlen_attention"]
+__all__ = ["BACKENDS", "available_backends", "define_varlen_op", "resolve_backend", "varlen_attention"]
 
 # q, k, v: [T, H, D]; returns [Tq, H, D].
 AttentionFn = Callable[[Tensor, Tensor, Tensor, Segments, Segments, float], Tensor]
 
 
+# A varlen attention op as two custom ops joined by autograd, for kernels that have no compile-friendly entry
+# of their own. Dynamo cannot see inside a custom op, so a compiled block keeps one graph around it, and the
+# host-side work (reading segment boundaries, launching a CuTe kernel) happens at run time, not at trace time.
+# Both ops take the same arguments: q [Tq, H, D], k [Tk, H, D], v [Tk, H, Dv], segment boundaries for q and
+# k, the longest segment of each (ints, so they become symbolic under dynamic shapes) and the softmax scale.
+VarlenForward = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, int, float], tuple[Tensor, Tensor]]
+VarlenBackward = Callable[
+    [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int, float],
+    tuple[Tensor, Tensor, Tensor],
+]
+
+
+def _accumulation_dtype(q: Tensor) -> torch.dtype:
+    return torch.promote_types(q.dtype, torch.float32)
+
+
+def define_varlen_op(name: str, forward: VarlenForward, backward: VarlenBackward, device_types=None):
+    """Register ``packvit::<name>`` (returns ``out, lse``) and ``packvit::<name>_backward`` (``dq, dk, dv``).
+
+    Args:
+        name: op name in the ``packvit`` namespace.
+        forward: ``(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> (out [Tq, H, Dv], lse [H, Tq])``, with the
+            log-sum-exp in fp32 (fp64 for fp64 inputs).
+        backward: ``(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale) -> (dq, dk, dv)``.
+        device_types: restrict the kernel to these devices (``None``: any).
+
+    Returns:
+        The forward op; its output's first element is the attention output and carries gradients.
+    """
+
+    @torch.library.custom_op(f"packvit::{name}", mutates_args=(), device_types=device_types)
+    def fwd_op(
+        q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        out, lse = forward(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+        return out.contiguous(), lse.contiguous()  # the fake below promises contiguous outputs
+
+    @fwd_op.register_fake
+    def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        # Shapes follow from q and v alone; max_q/max_k must not shape anything (they may be symbolic).
+        lse = q.new_empty(q.shape[1], q.shape[0], dtype=_accumulation_dtype(q))
+        return q.new_empty(*q.shape[:-1], v.shape[-1]), lse
+
+    @torch.library.custom_op(f"packvit::{name}_backward", mutates_args=(), device_types=device_types)
+    def bwd_op(
+        dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
+        max_q: int, max_k: int, scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        dq, dk, dv = backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+    @bwd_op.register_fake
+    def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+
+    def grad(ctx, dout: Tensor, dlse: Tensor | None):
+        # The log-sum-exp is an internal by-product (the public wrappers drop it), so dlse is never used.
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = bwd_op(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+    fwd_op.register_autograd(grad, setup_context=setup_context)
+    return fwd_op
+
+
+def _segment_bounds(cu_q: Tensor, cu_k: Tensor) -> list[tuple[int, int, int, int]]:
+    # Host tensors (Segments.host_cu_seqlens), so reading them never waits on a device.
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    return list(zip(bq[:-1], bq[1:], bk[:-1], bk[1:], strict=True))
+
+
+def _reference_forward(
+    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    # Dense softmax per segment in fp32 (or fp64), keeping the log-sum-exp for the backward as flash kernels
+    # do. It materialises each segment's [H, L, L] scores: a reference, not a kernel for large images.
+    acc = _accumulation_dtype(q)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = q.new_empty(q.shape[1], q.shape[0], dtype=acc)
+    for q0, q1, k0, k1 in _segment_bounds(cu_q, cu_k):
+        s = torch.einsum("qhd,khd->hqk", q[q0:q1].to(acc), k[k0:k1].to(acc)) * scale  # [H, Lq, Lk]
+        m = s.logsumexp(-1)  # [H, Lq]
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", (s - m[..., None]).exp(), v[k0:k1].to(acc)).to(out.dtype)
+        lse[:, q0:q1] = m
+    return out, lse
+
+
+def _reference_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
+    max_q: int, max_k: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    acc = _accumulation_dtype(q)
+    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    for q0, q1, k0, k1 in _segment_bounds(cu_q, cu_k):
+        qf, kf, vf = q[q0:q1].to(acc), k[k0:k1].to(acc), v[k0:k1].to(acc)
+        do, o = dout[q0:q1].to(acc), out[q0:q1].to(acc)
+        p = (torch.einsum("qhd,khd->hqk", qf, kf) * scale - lse[:, q0:q1, None]).exp()  # [H, Lq, Lk]
+        dp = torch.einsum("qhd,khd->hqk", do, vf)
+        # Softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O).
+        ds = p * (dp - (do * o).sum(-1).T[..., None])
+        dq[q0:q1] = torch.einsum("hqk,khd->qhd", ds, kf) * scale
+        dk[k0:k1] = torch.einsum("hqk,qhd->khd", ds, qf) * scale
+        dv[k0:k1] = torch.einsum("hqk,qhd->khd", p, do)
+    return dq, dk, dv
+
+
+_reference_op = define_varlen_op("reference_varlen", _reference_forward, _reference_backward)
+
+
 def _sdpa_reference(q: Tensor, k: Tensor, v: Tensor, qs: Segments, ks: Segments, scale: float) -> Tensor:
-    # One dense SDPA call per segment: exact, mask-free, and the ground truth the fast kernels are checked
-    # against. Segment lengths are host-side ints, so the split itself never syncs.
-    outs = [
-        F.scaled_dot_product_attention(
-            qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1), scale=scale
-        ).transpose(0, 1)  # [L, H, D]
-        for qi, ki, vi in zip(q.split(qs.lengths), k.split(ks.lengths), v.split(ks.lengths), strict=True)
-    ]
-    return torch.cat(outs)
+    # Exact, mask-free attention per segment: the ground truth the fast kernels are checked against. It splits
+    # by host-side boundaries inside a custom op, so it never syncs and compiled blocks neither break their
+    # graph nor recompile when the segment lengths change.
+    return _reference_op(
+        q, k, v, qs.host_cu_seqlens, ks.host_cu_seqlens, qs.max_seqlen, ks.max_seqlen, scale
+    )[0]
 
 
 def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, qs: Segments, ks: Segments, scale: float) -> Tensor:
@@ -76,20 +192,42 @@ def _flash_attn3(q: Tensor, k: Tensor, v: Tensor, qs: Segments, ks: Segments, sc
     return out[0] if isinstance(out, tuple) else out
 
 
-def _flash_attn4(q: Tensor, k: Tensor, v: Tensor, qs: Segments, ks: Segments, scale: float) -> Tensor:
-    from flash_attn.cute import flash_attn_varlen_func
+def _fa4_forward(
+    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    from flash_attn.cute.interface import _flash_attn_fwd
 
-    out = flash_attn_varlen_func(
-        q=q,
-        k=k,
-        v=v,
-        cu_seqlens_q=qs.cu_seqlens,
-        cu_seqlens_k=ks.cu_seqlens,
-        max_seqlen_q=qs.max_seqlen,
-        max_seqlen_k=ks.max_seqlen,
-        softmax_scale=scale,
-    )
-    return out[0] if isinstance(out, tuple) else out
+    # Autograd is off inside a custom op, so ask for the log-sum-exp explicitly: the backward needs it.
+    out, lse = _flash_attn_fwd(
+        q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        softmax_scale=scale, causal=False, return_lse=True,
+    )[:2]  # fmt: skip
+    return out, lse
+
+
+def _fa4_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
+    max_q: int, max_k: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(
+        q, k, v, out, dout, lse, softmax_scale=scale, causal=False,
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+    )[:3]  # fmt: skip
+    return dq, dk, dv
+
+
+# flash-attn-4 (4.0.0b36) registers no custom ops and its CuTe-DSL Python cannot be traced by Dynamo; this pair
+# makes it an opaque, differentiable op with fakes, so blocks using it compile in one graph.
+_fa4_op = define_varlen_op("fa4_varlen", _fa4_forward, _fa4_backward, device_types="cuda")
+
+
+def _flash_attn4(q: Tensor, k: Tensor, v: Tensor, qs: Segments, ks: Segments, scale: float) -> Tensor:
+    return _fa4_op(
+        q.contiguous(), k.contiguous(), v.contiguous(), qs.cu_seqlens, ks.cu_seqlens, qs.max_seqlen,
+        ks.max_seqlen, scale,
+    )[0]  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ class EncoderConfig:
         norm: ``"layernorm"`` or ``"rmsnorm"`` (for every norm in the model).
         norm_eps: epsilon of every norm.
         qkv_bias / proj_bias / mlp_bias / patch_bias: whether those linears have biases.
+        key_bias: with ``qkv_bias``, whether the key projection has a bias of its own. ``False`` (DINOv3):
+            the key third of the fused q/k/v bias is zero and held there (it gets no gradient).
         patch_norm: a norm right after the patch embedding (AIMv2).
         layer_scale: layer scale on both residual branches (DINOv3).
         num_cls: class tokens at the start of every segment (0 or 1).
@@ -80,6 +82,8 @@ class EncoderConfig:
         image_mean / image_std: per-channel normalisation the checkpoint expects.
         pos_embed_shift / pos_embed_jitter / pos_embed_rescale: DINOv3 RoPE coordinate augmentation used in
             training mode (``None`` disables each).
+        drop_path_rate: stochastic depth in training mode: the probability that a block's residual branch is
+            dropped for a whole image (segment); every block uses the same rate, as DINOv3 does.
     """
 
     family: Family
@@ -94,6 +98,7 @@ class EncoderConfig:
     norm: NormKind = "layernorm"
     norm_eps: float = 1e-6
     qkv_bias: bool = True
+    key_bias: bool = True
     proj_bias: bool = True
     mlp_bias: bool = True
     patch_bias: bool = True
@@ -114,6 +119,7 @@ class EncoderConfig:
     pos_embed_shift: float | None = None
     pos_embed_jitter: float | None = None
     pos_embed_rescale: float | None = None
+    drop_path_rate: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -155,6 +161,8 @@ class EncoderConfig:
             raise ValueError("num_cls must be 0 or 1 and num_registers >= 0")
         if self.head == "cls" and not self.num_cls:
             raise ValueError('head="cls" needs a class token (num_cls=1)')
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
         if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
             raise ValueError("image_mean and image_std need one value per channel")
         return self

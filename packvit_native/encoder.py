@@ -75,6 +75,38 @@ class PackedVisionEncoder(nn.Module):
         self.norm = make_norm(config, **dd) if config.final_norm else nn.Identity()
         self.head = build_head(config, **dd)
 
+    def set_activation_checkpointing(self, every: int = 1) -> PackedVisionEncoder:
+        """Recompute block activations in the backward instead of storing them.
+
+        Args:
+            every: checkpoint blocks ``0, every, 2*every, ...``; ``1`` checkpoints every block, ``0`` none.
+                Checkpointing a subset trades memory for recompute time between the two extremes.
+
+        Returns:
+            self, for chaining.
+        """
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise ValueError(f"every must be a non-negative integer, got {every!r}")
+        for i, block in enumerate(self.blocks):
+            block.checkpointed = every > 0 and i % every == 0
+        return self
+
+    def compile_blocks(self, **compile_kwargs) -> PackedVisionEncoder:
+        """``torch.compile`` each block in place, with dynamic shapes; parameter names are unchanged.
+
+        Only the blocks are compiled: the per-batch work before them (packing metadata, position tables) is
+        host-side bookkeeping that would make the compiler specialise on image sizes. With dynamic shapes a
+        batch with another token total, segment count or longest segment reuses the compiled graphs. Apply it
+        before ``fully_shard`` or DDP wrapping, as with any module-level compile.
+
+        Args:
+            compile_kwargs: passed to :meth:`torch.nn.Module.compile` (default ``dynamic=True``).
+        """
+        compile_kwargs.setdefault("dynamic", True)
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+        return self
+
     def patchify(self, images: list[Tensor] | Tensor) -> tuple[Tensor, Tensor]:
         """Images ``[C, H, W]`` (or ``[T, C, H, W]``) -> ``(patches, grid_thw)`` in this model's layout and order.
 
@@ -190,7 +222,8 @@ class PackedVisionEncoder(nn.Module):
             # The table is cast to the activation dtype before the add, as the references do.
             x = x + self.positions(packing).to(x.dtype)
         x = packing.insert_prefix(x, self.prefix)  # [T, D]
-        ctx = BlockContext(packing.tokens, ctx_backend, rope)
+        drop = self.training and self.config.drop_path_rate > 0
+        ctx = BlockContext(packing.tokens, ctx_backend, rope, packing.token_segment() if drop else None)
 
         kept = {0: x} if 0 in keep else {}
         for i, block in enumerate(self.blocks[:depth], start=1):

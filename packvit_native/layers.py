@@ -2,7 +2,11 @@
 
 Everything here is pointwise on the packed ``[T, D]`` tensor except attention, which alone knows segment
 boundaries (through :class:`~packvit_native.packing.Segments`). Optional parts (layer scale, biases) become
-identities or zero-free linears, so ``Block.forward`` is two residual lines with no branches.
+identities or zero-free linears, so a block is two residual lines with no branches.
+
+Training: :class:`DropPath` drops a residual branch per packed image (segment), and a block can recompute its
+activations in the backward instead of storing them (``Block.checkpointed``, set through
+:meth:`~packvit_native.encoder.PackedVisionEncoder.set_activation_checkpointing`).
 """
 
 from __future__ import annotations
@@ -13,12 +17,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import varlen_attention
 from .config import EncoderConfig
 from .packing import Segments
 
-__all__ = ["Attention", "Block", "BlockContext", "LayerScale", "Mlp", "RMSNorm", "SwiGLU", "make_norm"]
+__all__ = [
+    "Attention",
+    "Block",
+    "BlockContext",
+    "DropPath",
+    "LayerScale",
+    "Mlp",
+    "RMSNorm",
+    "SwiGLU",
+    "make_norm",
+]
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
@@ -103,11 +118,41 @@ class BlockContext:
         segments: segment boundaries of the packed sequence.
         backend: concrete attention backend name.
         rope: ``(cos, sin)`` each ``[T, 1, head_dim]`` in the activation dtype, or ``None``.
+        token_segment: ``[T]`` int64 segment of every token, prefix tokens included; only set when drop path
+            is active (training with ``drop_path_rate > 0``).
     """
 
     segments: Segments
     backend: str
     rope: tuple[Tensor, Tensor] | None = None
+    token_segment: Tensor | None = None
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per packed image: in training, each segment's residual branch is dropped whole with
+    probability ``p`` and the kept ones are scaled by ``1 / (1 - p)``; the identity in eval.
+
+    DINOv3 drops per sample of a padded batch; a segment (one frame) is that sample here. The draw is made as
+    the reference makes it (uniform in the activation dtype, ``floor(u + keep)``), one value per segment in
+    segment order, so a one-image batch consumes the random stream exactly as transformers does.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor, ctx: BlockContext) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if ctx.token_segment is None:
+            raise ValueError("drop path needs BlockContext.token_segment (the encoder sets it in training)")
+        keep = 1.0 - self.p
+        num_segments = ctx.segments.cu_seqlens.shape[0] - 1
+        mask = torch.floor(torch.rand(num_segments, dtype=x.dtype, device=x.device) + keep)  # [S] of 0 / 1
+        return x.div(keep) * mask[ctx.token_segment, None]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -131,9 +176,21 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(d, 3 * d, bias=config.qkv_bias, device=device, dtype=dtype)
         self.proj = nn.Linear(d, d, bias=config.proj_bias, device=device, dtype=dtype)
+        # A source without a key bias (DINOv3) gets a zero key slice in the fused bias, so one linear serves.
+        # Softmax ignores a key bias without RoPE (it adds the same q.b to every score of a query), but after
+        # RoPE the rotated bias differs per position and would receive a gradient. It is held at zero with no
+        # gradient, so training stays on the source architecture and the result converts back to it.
+        self.frozen_key_bias = config.qkv_bias and not config.key_bias
+
+    def _qkv(self, x: Tensor) -> Tensor:
+        bias = self.qkv.bias
+        if self.frozen_key_bias:
+            d = bias.shape[0] // 3
+            bias = torch.cat((bias[:d], bias[d : 2 * d].detach(), bias[2 * d :]))
+        return F.linear(x, self.qkv.weight, bias)
 
     def forward(self, x: Tensor, ctx: BlockContext) -> Tensor:
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # [T, 3, H, Dh]
+        qkv = self._qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # [T, 3, H, Dh]
         q, k, v = qkv.unbind(1)  # [T, H, Dh] each
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
@@ -142,7 +199,12 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
+    """Pre-norm transformer block: ``x + drop(ls1(attn(norm1(x))))``, then ``x + drop(ls2(mlp(norm2(x))))``.
+
+    With ``checkpointed`` set, a forward that records gradients keeps only the block's input and recomputes
+    the rest in the backward (non-reentrant checkpointing; the random state is restored, so drop path drops
+    the same segments both times).
+    """
 
     def __init__(self, config: EncoderConfig, device=None, dtype=None) -> None:
         super().__init__()
@@ -153,7 +215,14 @@ class Block(nn.Module):
         self.norm2 = make_norm(config, **dd)
         self.mlp = SwiGLU(config, **dd) if config.mlp == "swiglu" else Mlp(config, **dd)
         self.ls2 = LayerScale(config.hidden_size, **dd) if config.layer_scale else nn.Identity()
+        self.drop_path = DropPath(config.drop_path_rate)
+        self.checkpointed = False
 
     def forward(self, x: Tensor, ctx: BlockContext) -> Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x), ctx))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self._residuals, x, ctx, use_reentrant=False)
+        return self._residuals(x, ctx)
+
+    def _residuals(self, x: Tensor, ctx: BlockContext) -> Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), ctx)), ctx)
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))), ctx)

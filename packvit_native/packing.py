@@ -43,18 +43,22 @@ class Segments:
     Attributes:
         cu_seqlens: int32 ``[S + 1]`` cumulative lengths, on the model's device (what varlen kernels take).
         max_seqlen: the longest segment, a Python int, so no kernel launch has to read it back from the GPU.
-        lengths: host-side segment lengths, for the per-segment reference attention and shape bookkeeping.
+        lengths: host-side segment lengths, for shape bookkeeping.
+        host_cu_seqlens: the same boundaries as ``cu_seqlens`` in a CPU tensor. The per-segment reference
+            attention splits by them; as a tensor (not a tuple of ints) it lets a compiled graph take batches
+            of any segment count and length without recompiling.
     """
 
     cu_seqlens: Tensor
     max_seqlen: int
     lengths: tuple[int, ...]
+    host_cu_seqlens: Tensor
 
     @classmethod
     def from_lengths(cls, lengths: tuple[int, ...], device: torch.device) -> Segments:
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
-        return cls(_to_device(cu, device), max(lengths), lengths)
+        return cls(_to_device(cu, device), max(lengths), lengths, cu)
 
     @property
     def total(self) -> int:
@@ -194,6 +198,12 @@ class Packing:
     @property
     def num_patches(self) -> int:
         return self.patches.total
+
+    def token_segment(self) -> Tensor:
+        """``[N + S*k]`` int64 segment index of every token of the packed sequence, prefix tokens included."""
+        lengths = torch.tensor(self.tokens.lengths, dtype=torch.int64)
+        seg = torch.repeat_interleave(torch.arange(self.num_segments), lengths)
+        return _to_device(seg, self.patch_segment.device)
 
     def insert_prefix(self, patch_tokens: Tensor, prefix: Tensor | None) -> Tensor:
         """``[N, D]`` patch tokens and ``[k, D]`` prefix tokens -> ``[N + S*k, D]`` packed sequence."""

@@ -29,6 +29,16 @@ def config_from_hf(
 ) -> EncoderConfig:
     gated = bool(cfg.get("use_gated_mlp", False))
     q, k, v = (bool(cfg.get(f"{n}_bias", d)) for n, d in (("query", True), ("key", False), ("value", True)))
+    if cfg.get("attention_dropout", 0.0):
+        # The varlen kernels have no dropout on attention probabilities (FA3, FA4, the reference); silently
+        # training without it would not be the source model's training.
+        raise ConversionError(
+            f"config.json attention_dropout = {cfg['attention_dropout']!r}: dropout on attention "
+            "probabilities is not supported; set it to 0.0 to convert"
+        )
+    drop_path = cfg.get("drop_path_rate", 0.0)
+    if not isinstance(drop_path, (int, float)) or isinstance(drop_path, bool) or not 0 <= drop_path < 1:
+        raise ConversionError(f"config.json drop_path_rate = {drop_path!r} is not a number in [0, 1)")
     return EncoderConfig(
         family="dinov3",
         patch_size=square(cfg.get("patch_size", 16), "patch_size"),
@@ -42,6 +52,7 @@ def config_from_hf(
         norm="layernorm",
         norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
         qkv_bias=q or k or v,
+        key_bias=k,
         proj_bias=bool(cfg.get("proj_bias", True)),
         mlp_bias=bool(cfg.get("mlp_bias", True)),
         layer_scale=True,
@@ -54,6 +65,7 @@ def config_from_hf(
         pos_embed_shift=cfg.get("pos_embed_shift"),
         pos_embed_jitter=cfg.get("pos_embed_jitter"),
         pos_embed_rescale=cfg.get("pos_embed_rescale", 2.0),
+        drop_path_rate=float(drop_path),
         **image_stats(preprocessor, IMAGENET),
     ).validate()
 
