@@ -219,9 +219,7 @@ def main() -> None:
         names = args.big_workloads if "7b" in key else args.workloads
         compiled = None
         if args.compile and "7b" not in key:
-            compiled = copy.deepcopy(ours)
-            for block in compiled.blocks:
-                block.compile(dynamic=True)
+            compiled = copy.deepcopy(ours).compile_blocks()
         for wl in names.split(","):
             sizes = workload(wl, cfg.patch_size)
             images = images_for(sizes, cfg.patch_size)

@@ -1,0 +1,77 @@
+"""Where the time goes: a torch.profiler trace of one packed forward, summarised by kernel class.
+
+    python benchmarks/profile_forward.py --model dinov3_vitl16 --workload mixed --backend fa4 [--compile]
+
+Prints the share of GPU time spent in GEMMs, attention, norms and the remaining elementwise kernels, plus the
+top kernels, so a missed throughput target can be traced to what holds it back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import MODELS, build_pair, images_for, timed, workload
+
+CLASSES = (
+    ("attention", ("flash", "fmha", "attention", "varlen", "sm90", "cutlass_fwd", "fwd_kernel")),
+    ("gemm", ("gemm", "nvjet", "cublas", "sm90_xmma", "matmul", "cutlass")),
+    ("norm", ("layer_norm", "layernorm", "rms")),
+)
+
+
+def classify(name: str) -> str:
+    low = name.lower()
+    for cls, needles in CLASSES:
+        if any(n in low for n in needles):
+            return cls
+    return "elementwise/other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="dinov3_vitl16")
+    parser.add_argument("--workload", default="mixed")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    hf, model = build_pair(MODELS[args.model])
+    del hf
+    if args.compile:
+        model.compile_blocks()
+    images = images_for(workload(args.workload, model.config.patch_size), model.config.patch_size)
+    patches, grid = model.patchify(images)
+    grid = grid.cpu()
+
+    def run():
+        return model(patches, grid, attn_backend=args.backend)
+
+    with torch.inference_mode():
+        seconds = timed(run)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for e in kernels:
+        totals[classify(e.key)] = totals.get(classify(e.key), 0.0) + e.self_device_time_total
+    all_us = sum(totals.values())
+    print(f"{MODELS[args.model].name}, {args.workload}, backend {args.backend}, compile={args.compile}: "
+          f"{seconds * 1e3:.1f} ms per forward (wall), {all_us / 1e3:.1f} ms of kernels")  # fmt: skip
+    for cls, us in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {cls:>18}: {us / 1e3:7.2f} ms  {us / all_us:6.1%}")
+    print("  top kernels:")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]:
+        print(
+            f"    {e.self_device_time_total / 1e3:7.2f} ms  x{e.count:<4} {classify(e.key):>18}  {e.key[:90]}"
+        )
+
+
+if __name__ == "__main__":
+    main()
