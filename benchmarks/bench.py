@@ -233,9 +233,9 @@ def main() -> None:
             rows.append(hf_row)
             patches, grid = ours.patchify(images)
             grid = grid.cpu()
-            variants = [(b, ours, "") for b in backends] + (
-                [(backends[0], compiled, "+compile")] if compiled else []
-            )
+            variants = [(b, ours, "") for b in backends] + [
+                (b, compiled, "+compile") for b in backends if compiled
+            ]
             for backend, model, tag in variants:
                 s, mem = measure(lambda m=model, b=backend, x=patches, g=grid: m(x, g, attn_backend=b))
                 rows.append({**base, "impl": f"packvit[{backend}{tag}]",
