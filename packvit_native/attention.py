@@ -216,6 +216,11 @@ def _fa4_backward(
     # measured: relative error 1.0; 64, 96 and 128 are right). Zero-padding the head dim is exact: padded q/k
     # columns add nothing to the scores, padded v/out/dout columns add nothing to dP or to rowsum(dout * out),
     # and the softmax scale is passed explicitly. So the backward runs at the next multiple of 32 and is sliced.
+    q, k, v = (
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+    )  # the backward kernel is only run on dense inputs
     d, dv_dim = q.shape[-1], v.shape[-1]
     pad_qk, pad_v = -d % 32, -dv_dim % 32
     if pad_qk or pad_v:
@@ -234,10 +239,9 @@ _fa4_op = define_varlen_op("fa4_varlen", _fa4_forward, _fa4_backward, device_typ
 
 
 def _flash_attn4(q: Tensor, k: Tensor, v: Tensor, qs: Segments, ks: Segments, scale: float) -> Tensor:
-    return _fa4_op(
-        q.contiguous(), k.contiguous(), v.contiguous(), qs.cu_seqlens, ks.cu_seqlens, qs.max_seqlen,
-        ks.max_seqlen, scale,
-    )[0]  # fmt: skip
+    # q, k and v are strided views of the fused qkv projection; FA4's forward reads them in place (only the
+    # head dim must be contiguous), which saves three copies of the activations per layer.
+    return _fa4_op(q, k, v, qs.cu_seqlens, ks.cu_seqlens, qs.max_seqlen, ks.max_seqlen, scale)[0]
 
 
 @dataclass(frozen=True)
