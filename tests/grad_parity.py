@@ -51,7 +51,8 @@ def reference_loss(hf_model: Any, images: list[Tensor], weights: dict[str, Tenso
             ref = fam.reference_forward(hf_model, frame)
             n = ref["last_hidden_state"].shape[0]
             total = total + (weights["last_hidden_state"][start : start + n] * ref["last_hidden_state"]).sum()
-            total = total + (weights["prefix_tokens"][seg] * ref["prefix_tokens"]).sum()
+            if weights["prefix_tokens"].numel():
+                total = total + (weights["prefix_tokens"][seg] * ref["prefix_tokens"]).sum()
             if "pooler_output" in weights:
                 total = total + (weights["pooler_output"][seg] * ref["pooler_output"]).sum()
             start, seg = start + n, seg + 1

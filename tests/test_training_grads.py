@@ -12,6 +12,10 @@ from weights_convert.check import mixed_batch
 CASES = [
     ("dinov3", "gelu", "DINOv3ViTModel"),
     ("dinov3", "swiglu", "DINOv3ViTModel"),
+    ("aimv2", "native", "Aimv2VisionModel"),
+    ("aimv2", "head", "Aimv2VisionModel"),
+    ("siglip", "default", "SiglipVisionModel"),
+    ("siglip2", "default", "Siglip2VisionModel"),
 ]
 
 
