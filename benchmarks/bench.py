@@ -66,6 +66,18 @@ MODELS = {
          "num_attention_heads": 8, "patch_size": 14, "is_native": True, "use_head": False},
         "Aimv2VisionModel",
     ),
+    "aimv2_l14_head": ModelSpec(
+        "AIMv2-L/14 native + pooling head",
+        {"model_type": "aimv2_vision_model", "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24,
+         "num_attention_heads": 8, "patch_size": 14, "is_native": True, "use_head": True},
+        "Aimv2VisionModel",
+    ),
+    "siglip_so400m14_384": ModelSpec(
+        "SigLIP so400m/14 384px",
+        {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+         "num_attention_heads": 16, "patch_size": 14, "image_size": 384},
+        "SiglipVisionModel",
+    ),
     "siglip2_so400m16": ModelSpec(
         "SigLIP2 so400m/16 NaFlex",
         {"model_type": "siglip2_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
