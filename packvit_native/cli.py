@@ -122,6 +122,7 @@ class _Writer:
 
     def __init__(self, out: Path, packed: bool) -> None:
         self.out, self.packed = out, packed
+        self.manifest_written = (out / MANIFEST).is_file()
         self.next_part = 0
         self.done: set[str] = set()
         if packed:
@@ -210,10 +211,15 @@ def _write_manifest(out: Path, settings: dict[str, Any]) -> None:
     os.replace(tmp, out / MANIFEST)
 
 
+class _BatchFailed(Exception):
+    """A batch could not be encoded; what was written before it stays valid and a rerun resumes."""
+
+
 def encode(args: argparse.Namespace) -> int:
     import packvit_native as pv
     from weights_convert.errors import ConversionError
 
+    from .attention import resolve_backend
     from .packing import Packing
     from .preprocess import target_size
 
@@ -238,14 +244,25 @@ def encode(args: argparse.Namespace) -> int:
         if not todo:
             say("packvit encode: nothing left to encode")
             return 0
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device} asked for, but no CUDA GPU is available")
+        resolve_backend(args.attn_backend, device)
         model = pv.from_pretrained(
             args.model, device=device, dtype=DTYPES[dtype_name], merge_size=args.merge_size,
             attn_backend=args.attn_backend,
         )  # fmt: skip
         rule = {"max_patches": args.max_patches, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
         rule["size"] = tuple(args.size) if args.size else None
-        target_size(64, 64, model.config, **rule)  # a bad rule fails here once, not once per image
-        _write_manifest(out, settings)
+        # Everything that can be checked before the first image is checked here, once.
+        target_size(64, 64, model.config, **rule)
+        if args.layers:
+            model._layer_indices(tuple(args.layers))
+        fixed = model.config.positions == "learned" and model.config.pos_resize == "none"
+        if fixed and any(rule[k] is not None for k in ("max_patches", "min_pixels", "max_pixels")):
+            raise ValueError(
+                f"{args.model} runs only at its trained size of {model.config.pos_grid} patches; drop "
+                f"--max-patches/--min-pixels/--max-pixels (its trained size is the default)"
+            )
     except (ValueError, ConversionError) as e:
         print(f"packvit encode: error: {e}", file=sys.stderr)
         return 2
@@ -272,8 +289,20 @@ def encode(args: argparse.Namespace) -> int:
                 outputs[key] = (packing.patch_tokens(tokens).cpu(), packing.prefix_tokens(tokens).cpu())
             else:
                 outputs[key] = (tokens.cpu(), None)
+        if not writer.manifest_written:
+            # Recorded with the first features, so a run that fails before writing any leaves no manifest
+            # behind and can be rerun with other settings.
+            _write_manifest(out, settings)
+            writer.manifest_written = True
         writer.write([i for i, _, _ in batch], grids, outputs)
         return packing.tokens.total
+
+    def guarded_flush(batch: list[tuple[Item, Tensor, Tensor]]) -> int:
+        try:
+            return flush(batch)
+        except (ValueError, RuntimeError) as e:  # e.g. a size the model refuses, or out of memory
+            bar.close()
+            raise _BatchFailed(f"encoding {len(batch)} images from {batch[0][0].path} failed: {e}") from e
 
     failed: list[Item] = []
     encoded = tokens = 0
@@ -292,14 +321,14 @@ def encode(args: argparse.Namespace) -> int:
             continue
         n = patches.shape[0] + config.num_prefix
         if batch and batch_tokens + n > args.max_tokens:
-            tokens += flush(batch)
+            tokens += guarded_flush(batch)
             encoded += len(batch)
             bar.update(len(batch))
             batch, batch_tokens = [], 0
         batch.append((item, patches, grid))
         batch_tokens += n
     if batch:
-        tokens += flush(batch)
+        tokens += guarded_flush(batch)
         encoded += len(batch)
         bar.update(len(batch))
     bar.close()
@@ -361,7 +390,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_tokens < 1:
             print("packvit encode: error: --max-tokens must be positive", file=sys.stderr)
             return 2
-        return encode(args)
+        try:
+            return encode(args)
+        except _BatchFailed as e:
+            print(
+                f"packvit encode: error: {e}; features written before it are kept, rerun to resume",
+                file=sys.stderr,
+            )
+            return 2
     return 2
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -211,6 +212,10 @@ class PackedVisionEncoder(nn.Module):
             raise ValueError(
                 f"packing was built with merge_size={packing.merge_size}, this model's config.merge_size is {merge}"
             )
+        elif packing.tokens.cu_seqlens.device != device:
+            raise ValueError(
+                f"packing was built for {packing.tokens.cu_seqlens.device}, the model is on {device}"
+            )
         self._check_patches(patches, packing)
         ctx_backend = resolve_backend(attn_backend or self.attn_backend, device)
 
@@ -236,7 +241,7 @@ class PackedVisionEncoder(nn.Module):
         if picks is not None:
             picked = tuple(select(self.norm(kept[i]) if apply_final_norm else kept[i]) for i in picks)
             if not return_dict:
-                return picked[0] if isinstance(output_layers, int) else picked
+                return picked[0] if isinstance(output_layers, Integral) else picked
         if not return_dict:
             return select(x if apply_final_norm is False else self.norm(x))
         normed = self.norm(x)
@@ -255,14 +260,14 @@ class PackedVisionEncoder(nn.Module):
         """``output_layers`` as non-negative hidden-state indices (``None`` stays ``None``)."""
         if output_layers is None:
             return None
-        asked = (output_layers,) if isinstance(output_layers, int) else tuple(output_layers)
+        asked = (output_layers,) if isinstance(output_layers, Integral) else tuple(output_layers)
         n = self.config.num_layers
         if not asked:
             raise ValueError("output_layers is empty; pass None for the final output")
         for i in asked:
-            if not isinstance(i, int) or isinstance(i, bool) or not -(n + 1) <= i <= n:
+            if not isinstance(i, Integral) or isinstance(i, bool) or not -(n + 1) <= i <= n:
                 raise ValueError(
                     f"output_layers entry {i!r} is out of range: this model has layers 0 (embeddings) to {n}, "
                     f"or -{n + 1} to -1 from the end"
                 )
-        return tuple(i % (n + 1) for i in asked)
+        return tuple(int(i) % (n + 1) for i in asked)

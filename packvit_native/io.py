@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .config import FORMAT_NAME, EncoderConfig
 
-__all__ = ["is_native_dir", "load_native", "save_native"]
+__all__ = ["is_native_dir", "load_native", "save_native", "to_patch_layout"]
 
 
 def is_native_dir(path: Path) -> bool:
@@ -48,7 +48,12 @@ def save_native(
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "previous")
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / "previous", out)  # put the previous checkpoint back before giving up
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, out)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,6 +71,8 @@ def validate_grid_thw(grid_thw: Tensor | list | tuple) -> tuple[tuple[int, int, 
 
     A CUDA ``grid_thw`` costs one device-to-host copy here (once per forward); keep it on the CPU to avoid it.
     """
+    if isinstance(grid_thw, np.ndarray):
+        grid_thw = torch.from_numpy(grid_thw)
     if isinstance(grid_thw, Tensor):
         if grid_thw.is_floating_point() or grid_thw.is_complex() or grid_thw.dtype == torch.bool:
             raise ValueError(f"grid_thw must hold integers, got dtype {grid_thw.dtype}")

@@ -98,7 +98,15 @@ def smart_size(height: int, width: int, factor: int, min_pixels: int, max_pixels
     elif h * w < min_pixels:
         grow = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * grow / factor) * factor, math.ceil(width * grow / factor) * factor
-    return max(factor, h), max(factor, w)  # a side under factor/2 with min_pixels = 0 would round to nothing
+    h, w = max(factor, h), max(factor, w)  # a side under factor/2 with min_pixels = 0 would round to nothing
+    if h * w > max_pixels:
+        # Only an extreme aspect ratio gets here: its short side was raised to one block, so the long side is
+        # trimmed to keep the budget (Qwen2-VL refuses such images outright).
+        if h > w:
+            h = max(factor, max_pixels // w // factor * factor)
+        else:
+            w = max(factor, max_pixels // h // factor * factor)
+    return h, w
 
 
 def default_resize(config: EncoderConfig) -> dict[str, Any]:
@@ -228,6 +236,13 @@ def preprocess(
     resample = resample or _FAMILY_RESAMPLE.get(config.family, "bilinear")
     if resample not in _RESAMPLE:
         raise ValueError(f"resample must be one of {list(_RESAMPLE)}, got {resample!r}")
+    if isinstance(images, np.ndarray) or (
+        isinstance(images, (list, tuple)) and any(isinstance(im, np.ndarray) for im in images)
+    ):
+        raise ValueError(
+            "numpy arrays are ambiguous (HWC or CHW); pass PIL images, paths, or tensors "
+            "(e.g. torch.from_numpy(hwc_uint8).permute(2, 0, 1))"
+        )
     if isinstance(images, (Image.Image, str, os.PathLike)) or (
         isinstance(images, Tensor) and images.ndim == 3
     ):

@@ -140,3 +140,22 @@ def test_interrupted_run_leaves_whole_files_and_resumes(
     assert _encode("--model", src, "--out", out, folder) == 1  # broken.jpg is still unreadable
     assert "1 of 5 images are already in" in capsys.readouterr().err
     assert len(list(out.rglob("*.safetensors"))) == len(SIZES)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (["--layers=99"], "out of range"),
+        (["--attn-backend", "bogus"], "unknown attention backend 'bogus'"),
+        (["--attn-backend", "fa4"], "needs a CUDA GPU"),
+    ],
+)
+def test_bad_options_fail_before_anything_is_written(tiny_reference, folder, tmp_path, capsys, bad, message):
+    if torch.cuda.is_available() and bad[-1] == "fa4":
+        pytest.skip("fa4 may be installed on a GPU machine")
+    src, out = tiny_reference("dinov3", "gelu"), tmp_path / "features"
+    assert _encode("--model", src, "--out", out, folder / "a.png", *bad) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir()), "a failed start leaves no manifest or features"
+    # corrected options are not refused as "other settings"
+    assert _encode("--model", src, "--out", out, folder / "a.png") == 0

@@ -92,3 +92,22 @@ def test_config_rejects_inconsistencies_and_unknown_fields(tmp_path):
         EncoderConfig.from_dict({**cfg.to_dict(), "surprise": 1})
     with pytest.raises(ValueError, match="not a packvit-native config"):
         EncoderConfig.from_dict(dict(base))
+
+
+def test_numpy_inputs_work_or_fail_clearly(model):
+    import numpy as np
+
+    patches = torch.randn(4, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model(patches, np.array([[1, 2, 2]])), model(patches, [[1, 2, 2]]))
+        assert model(patches, [[1, 2, 2]], output_layers=np.int64(1)).shape == (4, 32)
+    with pytest.raises(ValueError, match="must hold integers"):
+        model(patches, np.array([[1.0, 2.0, 2.0]]))
+    with pytest.raises(ValueError, match="numpy arrays are ambiguous"):
+        pv.preprocess(np.zeros((8, 8, 3), dtype=np.uint8), model)
+
+
+def test_packing_on_another_device_is_refused(model):
+    packing = pv.Packing.from_grid([[1, 2, 2]], model.config.num_prefix, "meta")
+    with pytest.raises(ValueError, match="packing was built for meta"):
+        model(torch.randn(4, 48), packing=packing)

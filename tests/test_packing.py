@@ -1,5 +1,6 @@
 """Packing metadata and patch layouts."""
 
+import pytest
 import torch
 
 import packvit_native as pv
@@ -71,3 +72,23 @@ def test_save_pretrained_round_trip(tiny_reference, tmp_path):
     assert again.config == model.config
     for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
+
+
+def test_failed_overwrite_keeps_the_previous_checkpoint(tiny_reference, tmp_path, monkeypatch):
+    import packvit_native.io as io
+
+    model = pv.from_pretrained(tiny_reference("dinov3", "gelu"))
+    out = model.save_pretrained(tmp_path / "saved")
+    before = (out / "model.safetensors").read_bytes()
+    real_replace = io.os.replace
+
+    def failing_replace(src, dst):
+        if str(src).endswith(".tmp"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(out, force=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"], "no temporary directories left behind"

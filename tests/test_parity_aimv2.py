@@ -193,3 +193,43 @@ def test_aimv2_conversion_errors(tiny_reference, tmp_path):
     neither = {**cfg, "model_type": "aimv2"}
     with pytest.raises(ConversionError, match=r"neither a vision_config .* nor architectures"):
         convert_checkpoint(_write(tmp_path / "neither", neither, state))
+
+
+@pytest.mark.parametrize(("qkv_bias", "use_bias"), [(True, False), (False, True)])
+def test_apple_bias_switches_are_independent(tiny_reference, tmp_path, qkv_bias, use_bias):
+    """Apple's ``qkv_bias`` covers q/k/v only; ``use_bias`` covers the attention output and the MLP.
+
+    transformers cannot express this split (its out_proj bias follows qkv_bias), so the mapping is checked on the
+    converter's own terms: each switch decides exactly which bias keys are required and which are refused.
+    """
+    apple = _apple_checkpoint(tiny_reference("aimv2", "head"), tmp_path / "apple", lit=False)
+    cfg = json.loads((apple / "config.json").read_text())
+    cfg.update(qkv_bias=qkv_bias, use_bias=use_bias)
+    (apple / "config.json").write_text(json.dumps(cfg))
+    state = load_file(apple / "model.safetensors")
+    drop = (
+        ("attn.qkv.bias",)
+        if not qkv_bias
+        else ("attn.proj.bias", "mlp.fc1.bias", "mlp.fc2.bias", "mlp.fc3.bias")
+    )
+    # Apple's vision-only release has no pooling head (only its LiT release does).
+    state = {k: v for k, v in state.items() if not k.endswith(drop) and not k.startswith("head.")}
+    save_file(state, apple / "model.safetensors")
+    config, tensors, _ = convert_checkpoint(apple)
+    assert (config.qkv_bias, config.proj_bias, config.mlp_bias) == (qkv_bias, use_bias, use_bias)
+    assert ("blocks.0.attn.qkv.bias" in tensors) == qkv_bias
+    assert ("blocks.0.attn.proj.bias" in tensors) == use_bias
+    assert ("blocks.0.mlp.gate_up.bias" in tensors) == use_bias
+    # a bias the switches say is absent is refused, not silently dropped
+    extra = "trunk.blocks.0.attn.qkv.bias" if not qkv_bias else "trunk.blocks.0.attn.proj.bias"
+    save_file({**state, extra: torch.zeros(192 if not qkv_bias else 64)}, apple / "model.safetensors")
+    with pytest.raises(ConversionError, match=f"unknown checkpoint keys: {extra}"):
+        convert_checkpoint(apple)
+
+
+def test_packvit_check_refuses_apple_layout_clearly(tiny_reference, tmp_path, capsys):
+    from weights_convert.check import main as check_cli
+
+    apple = _apple_checkpoint(tiny_reference("aimv2", "native"), tmp_path / "apple", lit=False)
+    assert check_cli([str(apple)]) == 2
+    assert "Apple's original AIMv2 layout" in capsys.readouterr().err

@@ -150,3 +150,10 @@ def test_bad_inputs_raise_value_error(tmp_path):
         pv.preprocess([], config)
     with pytest.raises(ValueError, match="merge"):
         pv.preprocess(_images([(20, 20)]), config.replace(merge_size=2), size=(48, 64))
+
+
+def test_smart_size_keeps_the_pixel_budget_at_extreme_aspect_ratios():
+    for h, w in [(1, 100000), (100000, 1), (3, 5000), (16, 70000)]:
+        out_h, out_w = smart_size(h, w, 16, 4096, 262144)
+        assert out_h % 16 == 0 and out_w % 16 == 0 and min(out_h, out_w) >= 16
+        assert out_h * out_w <= 262144, (h, w, out_h, out_w)

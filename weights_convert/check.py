@@ -22,6 +22,7 @@ import packvit_native as pv
 
 from .convert import FAMILIES, convert_checkpoint, describe_dropped, family_for, family_named
 from .errors import ConversionError
+from .families import aimv2
 from .sources import read_checkpoint
 
 __all__ = ["compare_with_reference", "load_reference", "mixed_batch", "parity_images", "save_tiny_reference"]
@@ -115,6 +116,12 @@ def load_reference(path: Path) -> Any:
     import transformers
 
     ckpt = read_checkpoint(path)
+    if aimv2.is_apple(ckpt.config):
+        raise ConversionError(
+            "this is Apple's original AIMv2 layout, which transformers cannot load as is, so there is no "
+            "reference to compare with; packvit-convert converts it (its mapping is tested against a "
+            "transformers checkpoint re-keyed to Apple's names)"
+        )
     if "vision_config" in ckpt.config:
         # A two-tower checkpoint: load the whole model and keep its vision tower (transformers' vision-only
         # AIMv2 class would silently load nothing from it).
@@ -147,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"{args.family} has no variant {variant!r}; choose from {families[args.family].VARIANTS}"
         )
-    torch.set_grad_enabled(False)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -162,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
             if dropped:
                 print(describe_dropped(dropped))
             out = pv.io.save_native(Path(tmp) / "converted", config, state)
+            hf_model = load_reference(src)
         except ConversionError as e:
             print(f"packvit-check: error: {e}", file=sys.stderr)
             return 2
         model = pv.from_pretrained(out, attn_backend="sdpa", dtype=torch.float32)
-        hf_model = load_reference(src)
         images = parity_images(config)
         rows = compare_with_reference(model, hf_model, images)
     print(
