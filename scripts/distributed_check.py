@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import sys
 
@@ -173,6 +174,11 @@ def main() -> int:
     if rank == 0:
         print("\n".join(lines))
         print("PASS" if verdict.item() else "FAIL", f"(tolerance {TOLERANCE[dtype]:.0e} relative)")
+    # The DDP/FSDP wrappers of each run hold reference cycles; collect them (and their communication hooks)
+    # while the process group is alive, and let every rank get here, before tearing the group down. Otherwise
+    # a gloo rank can abort at exit when a wrapper is destroyed after its group.
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
     return 0 if verdict.item() else 1
 
