@@ -1,10 +1,10 @@
-"""GPU check: every available attention backend agrees with the SDPA reference, forward and backward.
+"""GPU check: every available attention backend agrees with the per-segment reference, forward and backward.
 
 For each model (the published architecture, our own random initialisation: unit-scale layer scale and
 fan-in-scaled linears, so every block changes the residual stream noticeably) a packed batch of mixed sizes
-(non-square, a 1x1 grid, a 2-frame clip, large images) is encoded in fp32 with the per-segment SDPA reference,
+(non-square, a 1x1 grid, a 2-frame clip, large images) is encoded in fp32 with the per-segment reference ("sdpa"),
 and in bf16 with every backend. "Within bf16 tolerance" is measured, not assumed: a backend passes when its
-error against the fp32 reference is at most 1.5x (+ a small floor) the error of the bf16 SDPA run itself. The
+error against the fp32 reference is at most 1.5x (+ a small floor) the error of the bf16 run of the reference itself. The
 same holds for the parameter gradients of a fixed random projection of the outputs. Each bf16 forward also runs
 under CUDA's sync debug mode set to "error", so a host-device synchronisation in the forward would fail it.
 

@@ -1,4 +1,4 @@
-"""Every attention backend available on this machine agrees with the per-segment SDPA reference.
+"""Every attention backend available on this machine agrees with the per-segment reference ("sdpa").
 
 On a CPU-only machine only the reference exists, so the fast backends are reported as skipped here; the same
 test runs them on a GPU machine (`python -m pytest tests/test_backends.py`), and scripts/gpu_check.py covers
