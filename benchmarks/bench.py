@@ -22,7 +22,6 @@ import platform
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,59 +32,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import packvit_native as pv
 from packvit_native.attention import available_backends
 from packvit_native.loading import build_model
+from weights_convert.check import transformers_class
 from weights_convert.convert import convert_loaded
+from weights_convert.presets import PRESETS, Preset
 
 DTYPE = torch.bfloat16
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    hf_config: dict[str, Any]
-    hf_class: str
-    naflex: bool = False  # SigLIP2 NaFlex: transformers takes a padded, masked batch of patches
+MODELS = PRESETS
 
 
-MODELS = {
-    "dinov3_vitl16": ModelSpec(
-        "DINOv3 ViT-L/16",
-        {"model_type": "dinov3_vit", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-         "num_attention_heads": 16, "patch_size": 16, "num_register_tokens": 4, "layerscale_value": 1e-5},
-        "DINOv3ViTModel",
-    ),
-    "dinov3_vit7b16": ModelSpec(
-        "DINOv3 ViT-7B/16",
-        {"model_type": "dinov3_vit", "hidden_size": 4096, "intermediate_size": 8192, "num_hidden_layers": 40,
-         "num_attention_heads": 32, "patch_size": 16, "num_register_tokens": 4, "layerscale_value": 1e-5,
-         "use_gated_mlp": True, "hidden_act": "silu", "query_bias": False, "value_bias": False},
-        "DINOv3ViTModel",
-    ),
-    "aimv2_l14": ModelSpec(
-        "AIMv2-L/14 native",
-        {"model_type": "aimv2_vision_model", "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24,
-         "num_attention_heads": 8, "patch_size": 14, "is_native": True, "use_head": False},
-        "Aimv2VisionModel",
-    ),
-    "aimv2_l14_head": ModelSpec(
-        "AIMv2-L/14 native + pooling head",
-        {"model_type": "aimv2_vision_model", "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24,
-         "num_attention_heads": 8, "patch_size": 14, "is_native": True, "use_head": True},
-        "Aimv2VisionModel",
-    ),
-    "siglip_so400m14_384": ModelSpec(
-        "SigLIP so400m/14 384px",
-        {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
-         "num_attention_heads": 16, "patch_size": 14, "image_size": 384},
-        "SiglipVisionModel",
-    ),
-    "siglip2_so400m16": ModelSpec(
-        "SigLIP2 so400m/16 NaFlex",
-        {"model_type": "siglip2_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
-         "num_attention_heads": 16, "patch_size": 16, "num_patches": 256},
-        "Siglip2VisionModel",
-        naflex=True,
-    ),
-}  # fmt: skip
+def is_naflex(spec: Preset) -> bool:
+    """SigLIP2 NaFlex: transformers takes a padded, masked batch of patches."""
+    return spec.hf_config["model_type"].startswith("siglip2")
 
 
 def workload(name: str, patch: int) -> list[tuple[int, int]]:
@@ -136,7 +95,7 @@ def gemm_peak() -> float:
     return best
 
 
-def build_pair(spec: ModelSpec) -> tuple[Any, pv.PackedVisionEncoder]:
+def build_pair(spec: Preset) -> tuple[Any, pv.PackedVisionEncoder]:
     import transformers
 
     cfg_cls = transformers.AutoConfig.for_model(spec.hf_config["model_type"]).__class__
@@ -144,7 +103,7 @@ def build_pair(spec: ModelSpec) -> tuple[Any, pv.PackedVisionEncoder]:
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device("cuda"):
-        hf = getattr(transformers, spec.hf_class)._from_config(cfg, dtype=DTYPE).eval()
+        hf = transformers_class(spec.hf_class)._from_config(cfg, dtype=DTYPE).eval()
     config, state, _ = convert_loaded(cfg.to_dict(), None, hf.state_dict())
     ours = build_model(config, state, device="cuda", dtype=DTYPE)
     return hf, ours
@@ -157,9 +116,9 @@ def images_for(sizes: list[tuple[int, int]], patch: int, channels: int = 3) -> l
     ]
 
 
-def hf_runner(spec: ModelSpec, hf: Any, images: list[torch.Tensor], patch: int):
-    if spec.naflex:
-        patches, grid = pv.patchify(images, patch, layout="ppc")
+def hf_runner(spec: Preset, hf: Any, images: list[torch.Tensor], patch: int):
+    if is_naflex(spec):
+        patches, grid = pv.patchify(images, patch, layout="hwc")
         counts = (grid[:, 1] * grid[:, 2]).tolist()
         n_max = max(counts)
         padded = patches.new_zeros(len(images), n_max, patches.shape[1])
@@ -239,7 +198,7 @@ def main() -> None:
             n_tokens = sum(h * w for h, w in sizes)
             hf_fn, padded_tokens = hf_runner(spec, hf, images, cfg.patch_size)
             hf_s, hf_mem = measure(hf_fn)
-            base = {"model": spec.name, "workload": wl, "images": len(sizes), "patches": n_tokens}
+            base = {"model": spec.title, "workload": wl, "images": len(sizes), "patches": n_tokens}
             hf_row = {**base, "impl": "transformers", "seconds": hf_s, "peak_gib": hf_mem,
                       "padded_patches": padded_tokens}  # fmt: skip
             rows.append(hf_row)

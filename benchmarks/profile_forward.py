@@ -63,7 +63,7 @@ def main() -> None:
     for e in kernels:
         totals[classify(e.key)] = totals.get(classify(e.key), 0.0) + e.self_device_time_total
     all_us = sum(totals.values())
-    print(f"{MODELS[args.model].name}, {args.workload}, backend {args.backend}, compile={args.compile}: "
+    print(f"{MODELS[args.model].title}, {args.workload}, backend {args.backend}, compile={args.compile}: "
           f"{seconds * 1e3:.1f} ms per forward (wall), {all_us / 1e3:.1f} ms of kernels")  # fmt: skip
     for cls, us in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {cls:>18}: {us / 1e3:7.2f} ms  {us / all_us:6.1%}")

@@ -22,6 +22,7 @@ import torch._dynamo.testing
 
 import packvit_native as pv
 from packvit_native.config import EncoderConfig
+from weights_convert.presets import preset
 
 SIZES = {
     "tiny": dict(hidden_size=64, num_layers=4, num_heads=4, mlp_hidden=128),
@@ -31,10 +32,7 @@ SIZES = {
 
 
 def config(size: str) -> EncoderConfig:
-    return EncoderConfig(
-        family="dinov3", patch_size=16, layer_scale=True, num_cls=1, num_registers=4, head="cls", key_bias=False,
-        drop_path_rate=0.1, **SIZES[size],
-    )  # fmt: skip
+    return preset("dinov3_vitl16").config(drop_path_rate=0.1, **SIZES[size])
 
 
 def batches(

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 import packvit_native as pv
 from packvit_native.config import EncoderConfig
+from weights_convert.presets import preset
 
 BUCKETS = 8  # caption vocabulary: one token per brightness bucket, plus BOS
 BOS = BUCKETS
@@ -82,10 +83,15 @@ class ToyLanguageModel(nn.Module):
 
 
 def tiny_encoder_config() -> EncoderConfig:
-    return EncoderConfig(
-        family="dinov3", patch_size=4, hidden_size=64, num_layers=2, num_heads=4, mlp_hidden=128,
-        layer_scale=True, num_cls=1, num_registers=0, head="cls", key_bias=False, drop_path_rate=0.1,
-    )  # fmt: skip
+    return preset("dinov3_vits16").config(
+        patch_size=4,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        mlp_hidden=128,
+        num_registers=0,
+        drop_path_rate=0.1,
+    )
 
 
 def make_batch(generator: torch.Generator, size: int, patch_size: int) -> tuple[list[Tensor], Tensor]:

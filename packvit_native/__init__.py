@@ -9,12 +9,14 @@
 from .attention import available_backends, varlen_attention
 from .config import EncoderConfig
 from .encoder import EncoderOutput, PackedVisionEncoder
+from .errors import CheckpointError
 from .loading import from_pretrained
 from .packing import Packing
 from .patchify import patchify, unpatchify
 from .preprocess import preprocess
 
 __all__ = [
+    "CheckpointError",
     "EncoderConfig",
     "EncoderOutput",
     "PackedVisionEncoder",

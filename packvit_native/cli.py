@@ -42,11 +42,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .loading import DTYPES
+
 __all__ = ["IMAGE_SUFFIXES", "find_images", "main"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST = "packvit-encode.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -217,10 +218,8 @@ class _BatchFailed(Exception):
 
 def encode(args: argparse.Namespace) -> int:
     import packvit_native as pv
-    from weights_convert.errors import ConversionError
 
     from .attention import resolve_backend
-    from .packing import Packing
     from .preprocess import target_size
 
     def say(msg: str) -> None:
@@ -257,13 +256,13 @@ def encode(args: argparse.Namespace) -> int:
         target_size(64, 64, model.config, **rule)
         if args.layers:
             model._layer_indices(tuple(args.layers))
-        fixed = model.config.positions == "learned" and model.config.pos_resize == "none"
+        fixed = model.config.fixed_size is not None
         if fixed and any(rule[k] is not None for k in ("max_patches", "min_pixels", "max_pixels")):
             raise ValueError(
                 f"{args.model} runs only at its trained size of {model.config.pos_grid} patches; drop "
                 f"--max-patches/--min-pixels/--max-pixels (its trained size is the default)"
             )
-    except (ValueError, ConversionError) as e:
+    except ValueError as e:  # CheckpointError included
         print(f"packvit encode: error: {e}", file=sys.stderr)
         return 2
 
@@ -278,7 +277,7 @@ def encode(args: argparse.Namespace) -> int:
 
     def flush(batch: list[tuple[Item, Tensor, Tensor]]) -> int:
         grids = torch.cat([g for _, _, g in batch])
-        packing = Packing.from_grid(grids, config.num_prefix, device, merge_size=config.merge_size)
+        packing = model.pack(grids)
         patches = torch.cat([p for _, p, _ in batch]).to(device, non_blocking=True)
         with torch.inference_mode():
             result = model(patches, packing=packing, output_layers=layers, return_prefix=args.prefix)
@@ -295,7 +294,7 @@ def encode(args: argparse.Namespace) -> int:
             _write_manifest(out, settings)
             writer.manifest_written = True
         writer.write([i for i, _, _ in batch], grids, outputs)
-        return packing.tokens.total
+        return packing.frames.total
 
     def guarded_flush(batch: list[tuple[Item, Tensor, Tensor]]) -> int:
         try:

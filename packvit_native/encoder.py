@@ -1,7 +1,8 @@
-"""The one packed encoder: stem -> N identical pre-norm blocks -> final norm -> outputs.
+"""The one packed encoder: stem -> N identical pre-norm blocks -> final norm -> heads.
 
-Input is pre-patchified pixels ``[total_patches, C*p*p]`` plus ``grid_thw [B, 3]``; all images share one
-packed sequence and attention runs per segment through a varlen kernel, with no padding and no masks.
+Input is pre-patchified pixels ``[total_patches, C*T*p*p]`` plus ``grid_thw [B, 3]``; all images share one
+packed sequence and attention runs per segment (frame or window) through a varlen kernel, with no padding and
+no masks.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .attention import resolve_backend
 from .config import EncoderConfig
-from .heads import build_head
+from .heads import Merger, build_head
 from .io import save_native
 from .layers import Block, BlockContext, make_norm
-from .packing import Packing
+from .packing import Packing, validate_grid_thw
 from .patchify import patchify
-from .positions import Rope2D, build_positions
+from .positions import Positions
 
 __all__ = ["EncoderOutput", "PackedVisionEncoder"]
 
@@ -31,15 +33,20 @@ class EncoderOutput:
     """Outputs of a packed forward.
 
     Attributes:
-        last_hidden_state: ``[N, D]`` final patch tokens (after the final norm), in input order.
+        last_hidden_state: ``[N, D]`` final patch tokens (after the final norm, if the model has one), in input
+            order.
         prefix_tokens: ``[S, k, D]`` final prefix tokens (class token, then registers) of each segment.
-        pooler_output: ``[S, D]`` pooled output per segment, or ``None`` for a model without a head.
+        pooler_output: the head's output, or ``None`` for a model without one: ``[S, D]`` (one row per
+            segment) for pooling heads, ``[N / m^2, out_hidden_size]`` (one row per ``m x m`` block, in input
+            order) for a merger.
         hidden_states: ``num_layers + 1`` tensors ``[N, D]`` of patch tokens: the embedding output, then the
             output of each block (before the final norm), indexed as transformers indexes them.
         packing: the packing metadata of this batch.
         layers: the layers asked for with ``output_layers``, in the order asked, or ``None``.
+        deepstack_features: one ``[N / m^2, out_hidden_size]`` tensor per ``config.deepstack_layers`` entry (that
+            layer's tokens through its own merger), or ``None`` for a model without them.
 
-    With ``return_prefix=True`` every per-token tensor above holds the full packed sequence ``[N + S*k, D]``.
+    With ``return_prefix=True`` every per-token tensor above holds the full sequence ``[N + S*k, D]``.
     """
 
     last_hidden_state: Tensor
@@ -48,6 +55,20 @@ class EncoderOutput:
     hidden_states: tuple[Tensor, ...] | None
     packing: Packing
     layers: tuple[Tensor, ...] | None = None
+    deepstack_features: tuple[Tensor, ...] | None = None
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What a forward was asked to return, checked once."""
+
+    return_dict: bool
+    picks: tuple[int, ...] | None  # output_layers as hidden-state indices
+    single: bool  # output_layers was one int
+    keep: frozenset[int]  # hidden-state indices to keep while the blocks run
+    depth: int  # blocks to run
+    apply_final_norm: bool | None
+    return_prefix: bool
 
 
 class PackedVisionEncoder(nn.Module):
@@ -67,14 +88,21 @@ class PackedVisionEncoder(nn.Module):
         self.attn_backend = attn_backend
         dd = {"device": device, "dtype": dtype}
         d = config.hidden_size
-        # A Conv2d with stride = kernel = patch is a linear map of each flattened patch.
+        # A Conv2d/Conv3d with stride = kernel = patch is a linear map of each flattened patch.
         self.patch_embed = nn.Linear(config.patch_dim, d, bias=config.patch_bias, **dd)
         self.patch_norm = make_norm(config, **dd) if config.patch_norm else nn.Identity()
-        self.positions = build_positions(config, **dd)
+        self.positions = Positions(config, **dd)
         self.prefix = nn.Parameter(torch.zeros(config.num_prefix, d, **dd)) if config.num_prefix else None
-        self.blocks = nn.ModuleList(Block(config, **dd) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, i, **dd) for i in range(config.num_layers))
         self.norm = make_norm(config, **dd) if config.final_norm else nn.Identity()
         self.head = build_head(config, **dd)
+        self.deepstack = nn.ModuleList(
+            Merger(config, postshuffle_norm=True, **dd) for _ in config.deepstack_layers
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embed.weight.device
 
     def set_activation_checkpointing(self, every: int = 1) -> PackedVisionEncoder:
         """Recompute block activations in the backward instead of storing them.
@@ -109,45 +137,36 @@ class PackedVisionEncoder(nn.Module):
         return self
 
     def patchify(self, images: list[Tensor] | Tensor) -> tuple[Tensor, Tensor]:
-        """Images ``[C, H, W]`` (or ``[T, C, H, W]``) -> ``(patches, grid_thw)`` in this model's layout and order.
+        """Images ``[C, H, W]`` (or ``[F, C, H, W]`` clips) -> ``(patches, grid_thw)`` in this model's layout,
+        token order and temporal patch size.
 
         Images must already be normalised and sized in multiples of the patch size (and of ``merge_size``
         patches); :func:`packvit_native.preprocess` does that from image files.
         """
         c = self.config
-        return patchify(images, c.patch_size, layout=c.patch_layout, merge_size=c.merge_size)
+        return patchify(
+            images, c.patch_size, layout=c.patch_layout, merge_size=c.merge_size,
+            temporal_patch_size=c.temporal_patch_size,
+        )  # fmt: skip
+
+    def pack(self, grid_thw: Tensor | Sequence | np.ndarray) -> Packing:
+        """The packing metadata of a batch for this model (prefix tokens, merge order, windows, device).
+
+        Build it once and pass it as ``model(patches, packing=...)`` to reuse it across calls.
+        """
+        c = self.config
+        return Packing.from_grid(
+            grid_thw, c.num_prefix, self.device, merge_size=c.merge_size, window_size=c.window_size
+        )
 
     def save_pretrained(self, out_dir: str | Path, force: bool = False) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (atomically) for :func:`from_pretrained`."""
         return save_native(out_dir, self.config, self.state_dict(), force=force)
 
-    def _check_patches(self, patches: Tensor, packing: Packing) -> None:
-        weight = self.patch_embed.weight
-        if not isinstance(patches, Tensor) or patches.ndim != 2:
-            shape = tuple(patches.shape) if isinstance(patches, Tensor) else type(patches).__name__
-            raise ValueError(f"patches must be a 2D tensor [total_patches, C*p*p], got {shape}")
-        if patches.shape[1] != self.config.patch_dim:
-            c, p = self.config.num_channels, self.config.patch_size
-            raise ValueError(
-                f"patches have {patches.shape[1]} values each, but this model takes C*p*p = {c}*{p}*{p} = "
-                f"{self.config.patch_dim}"
-            )
-        if patches.shape[0] != packing.num_patches:
-            raise ValueError(
-                f"grid_thw describes {packing.num_patches} patches (sum of t*h*w) but patches has "
-                f"{patches.shape[0]} rows"
-            )
-        if not patches.is_floating_point():
-            raise ValueError(f"patches must be floating point pixels, got dtype {patches.dtype}")
-        if patches.device != weight.device:
-            raise ValueError(
-                f"patches are on {patches.device} but the model is on {weight.device}; move one of them"
-            )
-
     def forward(
         self,
         patches: Tensor,
-        grid_thw: Tensor | list | None = None,
+        grid_thw: Tensor | Sequence | np.ndarray | None = None,
         *,
         packing: Packing | None = None,
         return_dict: bool = False,
@@ -164,103 +183,155 @@ class PackedVisionEncoder(nn.Module):
         the final norm, ``-2`` the one before it (what LLaVA-style code takes).
 
         Args:
-            patches: ``[N, C*p*p]`` pixels, images one after another, each frame's patches in the model's token
-                order (row-major, or merge order when ``config.merge_size > 1``).
-            grid_thw: ``[B, 3]`` integer (frames, rows, columns) per image. Keep it on the CPU: the forward
-                then never waits on the GPU. Not needed when ``packing`` is given.
-            packing: metadata from :meth:`Packing.from_grid`, to reuse it across calls.
+            patches: ``[N, C*T*p*p]`` pixels, images one after another, each frame's patches in the model's
+                token order (row-major, or merge order when ``config.merge_size > 1``).
+            grid_thw: ``[B, 3]`` integer (frames, rows, columns) per image, frames counted in temporal patches.
+                Keep it on the CPU: the forward then never waits on the GPU. Not needed when ``packing`` is
+                given.
+            packing: metadata from :meth:`pack`, to reuse it across calls.
             return_dict: return an :class:`EncoderOutput` instead of the final patch tokens.
             output_hidden_states: also return every layer's patch tokens (needs ``return_dict``).
             output_layers: return just these layers: an int gives one tensor, a sequence a tuple in the order
                 asked (in :attr:`EncoderOutput.layers` with ``return_dict``). Only the asked layers are kept,
                 and without ``return_dict`` the blocks after the deepest asked layer are not run.
-            return_prefix: every returned token tensor holds the full packed sequence ``[N + S*k, D]``
-                (each segment's ``k`` prefix tokens, then its patches; ``packing.tokens.cu_seqlens`` marks the
+            return_prefix: every returned token tensor holds the full sequence ``[N + S*k, D]`` (each
+                segment's ``k`` prefix tokens, then its patches; ``packing.frames.cu_seqlens`` marks the
                 segments) instead of the patch tokens ``[N, D]`` alone.
             apply_final_norm: ``None`` (default): the last layer's output goes through the final norm and the
                 layers picked by ``output_layers`` do not, as in transformers' ``hidden_states``. ``True``:
                 the picked layers are normed too (DINOv3's ``get_intermediate_layers(norm=True)``).
-                ``False``: nothing is normed; the final output is the last block's raw output. The pooled
-                output always uses the normed tokens its head was trained on.
+                ``False``: nothing is normed; the final output is the last block's raw output. Heads always
+                use the normed tokens they were trained on.
             attn_backend: override the model's attention backend for this call.
 
         Returns:
             ``[N, D]`` final patch tokens; the picked layer(s) when ``output_layers`` is given; or an
             :class:`EncoderOutput` with ``return_dict``.
         """
-        if output_hidden_states and not return_dict:
-            raise ValueError("output_hidden_states=True needs return_dict=True")
-        if apply_final_norm not in (None, True, False):
-            raise ValueError(f"apply_final_norm must be None, True or False, got {apply_final_norm!r}")
-        num_layers = self.config.num_layers
-        picks = self._layer_indices(output_layers)
-        keep = set(range(num_layers + 1)) if output_hidden_states else set(picks or ())
-        # Without return_dict only the picked layers are returned: the later blocks would be wasted work.
-        depth = max(picks) if picks is not None and not return_dict else num_layers
+        request = self._request(
+            return_dict, output_hidden_states, output_layers, apply_final_norm, return_prefix
+        )
+        packing = self._packing(patches, grid_thw, packing)
+        backend = resolve_backend(attn_backend or self.attn_backend, self.device)
+        x, ctx = self.embed(patches, packing, backend)
+        x, kept = self.run_blocks(x, ctx, request)
+        if not request.return_dict:
+            return self._plain_output(x, kept, packing, request)
+        return self._dict_output(x, kept, packing, backend, request)
 
-        device = self.patch_embed.weight.device
-        merge = self.config.merge_size
-        if packing is None:
-            if grid_thw is None:
-                raise ValueError("pass grid_thw (or a prebuilt packing)")
-            packing = Packing.from_grid(grid_thw, self.config.num_prefix, device, merge_size=merge)
-        elif packing.num_prefix != self.config.num_prefix:
-            raise ValueError(
-                f"packing was built for {packing.num_prefix} prefix tokens, this model has {self.config.num_prefix}"
-            )
-        elif packing.merge_size != merge:
-            raise ValueError(
-                f"packing was built with merge_size={packing.merge_size}, this model's config.merge_size is {merge}"
-            )
-        elif packing.tokens.cu_seqlens.device != device:
-            raise ValueError(
-                f"packing was built for {packing.tokens.cu_seqlens.device}, the model is on {device}"
-            )
-        self._check_patches(patches, packing)
-        ctx_backend = resolve_backend(attn_backend or self.attn_backend, device)
-
+    def embed(self, patches: Tensor, packing: Packing, backend: str) -> tuple[Tensor, BlockContext]:
+        """The stem: ``[N, C*T*p*p]`` pixels -> ``[T, D]`` block sequence, and what the blocks share."""
         x = self.patch_norm(self.patch_embed(patches.to(self.patch_embed.weight.dtype)))  # [N, D]
-        rope = None
-        if isinstance(self.positions, Rope2D):
-            rope = self.positions(packing, x.dtype)
-        else:
-            # The table is cast to the activation dtype before the add, as the references do.
-            x = x + self.positions(packing).to(x.dtype)
-        x = packing.insert_prefix(x, self.prefix)  # [T, D]
+        terms = self.positions(packing, x.dtype)
+        if terms.additive is not None:
+            x = x + terms.additive.to(x.dtype)  # cast before the add, as the references do
+        x = packing.to_blocks(x, self.prefix)  # [T, D]: prefix tokens inserted, or windows made contiguous
+        segmentations = {"frames": packing.frames}
+        if packing.windows is not None:
+            segmentations["windows"] = packing.windows
         drop = self.training and self.config.drop_path_rate > 0
-        ctx = BlockContext(packing.tokens, ctx_backend, rope, packing.token_segment() if drop else None)
+        return x, BlockContext(
+            segmentations, backend, terms.rotary, packing.token_segment() if drop else None
+        )
 
-        kept = {0: x} if 0 in keep else {}
-        for i, block in enumerate(self.blocks[:depth], start=1):
+    def run_blocks(self, x: Tensor, ctx: BlockContext, request: _Request) -> tuple[Tensor, dict[int, Tensor]]:
+        """Run the first ``request.depth`` blocks, keeping the hidden states ``request.keep`` names."""
+        kept = {0: x} if 0 in request.keep else {}
+        for i, block in enumerate(self.blocks[: request.depth], start=1):
             x = block(x, ctx)
-            if i in keep:
+            if i in request.keep:
                 kept[i] = x
+        return x, kept
 
-        select = (lambda t: t) if return_prefix else packing.patch_tokens
-        picked = None
-        if picks is not None:
-            picked = tuple(select(self.norm(kept[i]) if apply_final_norm else kept[i]) for i in picks)
-            if not return_dict:
-                return picked[0] if isinstance(output_layers, Integral) else picked
-        if not return_dict:
-            return select(x if apply_final_norm is False else self.norm(x))
-        normed = self.norm(x)
-        last = x if apply_final_norm is False else normed
-        hidden = tuple(select(kept[i]) for i in range(num_layers + 1)) if output_hidden_states else None
+    def _view(self, packing: Packing, request: _Request):
+        """Block sequence -> what a returned token tensor holds: patch tokens, or the whole sequence."""
+        if request.return_prefix:
+            return packing.to_sequence
+        return lambda t: packing.patch_tokens(packing.to_sequence(t))
+
+    def _picked(
+        self, kept: dict[int, Tensor], packing: Packing, request: _Request
+    ) -> tuple[Tensor, ...] | None:
+        if request.picks is None:
+            return None
+        view = self._view(packing, request)
+        return tuple(view(self.norm(kept[i]) if request.apply_final_norm else kept[i]) for i in request.picks)
+
+    def _plain_output(
+        self, x: Tensor, kept: dict[int, Tensor], packing: Packing, request: _Request
+    ) -> Tensor | tuple[Tensor, ...]:
+        picked = self._picked(kept, packing, request)
+        if picked is not None:
+            return picked[0] if request.single else picked
+        return self._view(packing, request)(x if request.apply_final_norm is False else self.norm(x))
+
+    def _dict_output(
+        self, x: Tensor, kept: dict[int, Tensor], packing: Packing, backend: str, request: _Request
+    ) -> EncoderOutput:
+        view = self._view(packing, request)
+        normed = packing.to_sequence(self.norm(x))
+        last = packing.to_sequence(x) if request.apply_final_norm is False else normed
+        n = self.config.num_layers
+        hidden = tuple(view(kept[i]) for i in range(n + 1)) if len(request.keep) == n + 1 else None
+        deepstack = None
+        if self.config.deepstack_layers:
+            deepstack = tuple(
+                merger(packing.patch_tokens(packing.to_sequence(kept[i])))
+                for merger, i in zip(self.deepstack, self.config.deepstack_layers, strict=True)
+            )
         return EncoderOutput(
-            last_hidden_state=select(last),
+            last_hidden_state=last if request.return_prefix else packing.patch_tokens(last),
             prefix_tokens=packing.prefix_tokens(last),
-            pooler_output=self.head(normed, packing, ctx_backend) if self.head is not None else None,
+            pooler_output=self.head(normed, packing, backend) if self.head is not None else None,
             hidden_states=hidden,
             packing=packing,
-            layers=picked,
+            layers=self._picked(kept, packing, request),
+            deepstack_features=deepstack,
         )
+
+    def _request(
+        self,
+        return_dict: bool,
+        output_hidden_states: bool,
+        output_layers: int | Sequence[int] | None,
+        apply_final_norm: bool | None,
+        return_prefix: bool,
+    ) -> _Request:
+        for name, value in (("return_dict", return_dict), ("output_hidden_states", output_hidden_states),
+                            ("return_prefix", return_prefix)):  # fmt: skip
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if output_hidden_states and not return_dict:
+            raise ValueError("output_hidden_states=True needs return_dict=True")
+        if apply_final_norm is not None and not isinstance(apply_final_norm, bool):
+            raise ValueError(f"apply_final_norm must be None, True or False, got {apply_final_norm!r}")
+        n = self.config.num_layers
+        picks = self._layer_indices(output_layers)
+        if output_hidden_states:
+            keep = frozenset(range(n + 1))
+        else:
+            keep = frozenset(picks or ()) | (
+                frozenset(self.config.deepstack_layers) if return_dict else frozenset()
+            )
+        # Without return_dict only the picked layers are returned: the later blocks would be wasted work.
+        depth = max(picks) if picks is not None and not return_dict else n
+        single = isinstance(output_layers, Integral) or (
+            isinstance(output_layers, Tensor) and output_layers.ndim == 0
+        )
+        return _Request(return_dict, picks, single, keep, depth, apply_final_norm, return_prefix)
 
     def _layer_indices(self, output_layers: int | Sequence[int] | None) -> tuple[int, ...] | None:
         """``output_layers`` as non-negative hidden-state indices (``None`` stays ``None``)."""
         if output_layers is None:
             return None
-        asked = (output_layers,) if isinstance(output_layers, Integral) else tuple(output_layers)
+        if isinstance(output_layers, (Tensor, np.ndarray)):
+            output_layers = output_layers.tolist()
+        if isinstance(output_layers, Integral) and not isinstance(output_layers, bool):
+            asked = (output_layers,)
+        elif isinstance(output_layers, Sequence) and not isinstance(output_layers, (str, bytes)):
+            asked = tuple(output_layers)
+        else:
+            raise ValueError(f"output_layers must be an int or a sequence of ints, got {output_layers!r}")
         n = self.config.num_layers
         if not asked:
             raise ValueError("output_layers is empty; pass None for the final output")
@@ -271,3 +342,54 @@ class PackedVisionEncoder(nn.Module):
                     f"or -{n + 1} to -1 from the end"
                 )
         return tuple(int(i) % (n + 1) for i in asked)
+
+    def _packing(self, patches: Tensor, grid_thw, packing: Packing | None) -> Packing:
+        """The batch's packing, built here from ``grid_thw`` or checked against this model and ``patches``."""
+        if packing is None:
+            if grid_thw is None:
+                raise ValueError("pass grid_thw (or a prebuilt packing)")
+            grid = validate_grid_thw(grid_thw)
+            self._check_patches(patches, sum(t * h * w for t, h, w in grid))  # before any per-patch work
+            packing = self.pack(grid)
+        else:
+            self._check_packing(packing, grid_thw)
+            self._check_patches(patches, packing.num_patches)
+        self.positions.check_sizes(packing)
+        return packing
+
+    def _check_packing(self, packing: Packing, grid_thw) -> None:
+        c = self.config
+        if not isinstance(packing, Packing):
+            raise ValueError(f"packing must be a Packing (from model.pack), got {type(packing).__name__}")
+        expected = {"num_prefix": c.num_prefix, "merge_size": c.merge_size, "window_size": c.window_size}
+        for name, value in expected.items():
+            if getattr(packing, name) != value:
+                raise ValueError(
+                    f"packing was built with {name}={getattr(packing, name)}, this model needs {value}; "
+                    "build it with model.pack(grid_thw)"
+                )
+        if packing.device != self.device:
+            raise ValueError(f"packing was built for {packing.device}, the model is on {self.device}")
+        if grid_thw is not None and validate_grid_thw(grid_thw) != packing.grid:
+            raise ValueError("grid_thw and packing describe different batches; pass one of them")
+
+    def _check_patches(self, patches: Tensor, num_patches: int) -> None:
+        c = self.config
+        if not isinstance(patches, Tensor) or patches.ndim != 2:
+            shape = tuple(patches.shape) if isinstance(patches, Tensor) else type(patches).__name__
+            raise ValueError(f"patches must be a 2D tensor [total_patches, C*T*p*p], got {shape}")
+        if patches.shape[1] != c.patch_dim:
+            raise ValueError(
+                f"patches have {patches.shape[1]} values each, but this model takes C*T*p*p = {c.num_channels}*"
+                f"{c.temporal_patch_size}*{c.patch_size}*{c.patch_size} = {c.patch_dim}"
+            )
+        if patches.shape[0] != num_patches:
+            raise ValueError(
+                f"grid_thw describes {num_patches} patches (sum of t*h*w) but patches has {patches.shape[0]} rows"
+            )
+        if not patches.is_floating_point():
+            raise ValueError(f"patches must be floating point pixels, got dtype {patches.dtype}")
+        if patches.device != self.device:
+            raise ValueError(
+                f"patches are on {patches.device} but the model is on {self.device}; move one of them"
+            )

@@ -1,4 +1,7 @@
-"""Pooling heads: one pooled vector per segment, computed from the final packed tokens.
+"""Output heads over the final tokens: a pooled vector per segment, or a merged row per ``m x m`` block.
+
+Every head takes the normed *sequence* (frame by frame, prefix tokens then patches in input order; see
+:class:`~packvit_native.packing.Packing`), the packing and the attention backend.
 
 The two attention-pooling heads let one learned query per segment attend over that segment's tokens. The
 queries form a packed sequence of their own (one row per segment) and the keys are the encoder's packed tokens,
@@ -8,6 +11,7 @@ so a single varlen cross-attention call pools the whole batch with no padding an
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import varlen_attention
@@ -15,7 +19,7 @@ from .config import EncoderConfig
 from .layers import Mlp, make_norm
 from .packing import Packing, Segments
 
-__all__ = ["AttentionPoolHead", "ClsHead", "MapHead", "build_head"]
+__all__ = ["AttentionPoolHead", "ClsHead", "MapHead", "Merger", "MergerHead", "build_head"]
 
 
 class ClsHead(nn.Module):
@@ -43,7 +47,7 @@ class _QueryPool(nn.Module):
         q_segments = Segments.from_lengths((1,) * s, x.device)
         q = query.reshape(1, self.num_heads, self.head_dim).expand(s, -1, -1).contiguous()  # [S, H, Dh]
         k, v = self.kv(x).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(1)  # [T, H, Dh] each
-        out = varlen_attention(q, k, v, q_segments, packing.tokens, backend, self.scale)  # [S, H, Dh]
+        out = varlen_attention(q, k, v, q_segments, packing.frames, backend, self.scale)  # [S, H, Dh]
         return out.flatten(1)  # [S, D]
 
 
@@ -82,6 +86,42 @@ class AttentionPoolHead(_QueryPool):
         return self.proj(self.pool(self.query.to(x.dtype), x, packing, backend))  # [S, D]
 
 
+class Merger(nn.Module):
+    """Qwen-VL's patch merger: each ``m x m`` block of patch tokens (contiguous in merge order) becomes one row.
+
+    ``norm`` then ``fc2(gelu(fc1(concatenated block)))``, GELU with erf as both Qwen-VL towers use. The norm
+    is the trunk's kind and epsilon; it runs over each token before the block is concatenated, or with
+    ``postshuffle_norm`` over the concatenated block (Qwen3-VL's deepstack mergers).
+
+    Args:
+        postshuffle_norm: norm the concatenated ``m*m*D`` block instead of each ``D`` token.
+    """
+
+    def __init__(
+        self, config: EncoderConfig, postshuffle_norm: bool = False, device=None, dtype=None
+    ) -> None:
+        super().__init__()
+        self.group = config.hidden_size * config.merge_size**2
+        self.postshuffle_norm = postshuffle_norm
+        dd = {"device": device, "dtype": dtype}
+        self.norm = make_norm(config, dim=self.group if postshuffle_norm else config.hidden_size, **dd)
+        self.fc1 = nn.Linear(self.group, self.group, **dd)
+        self.fc2 = nn.Linear(self.group, config.out_hidden_size, **dd)
+
+    def forward(self, patch_tokens: Tensor) -> Tensor:
+        """``[N, D]`` patch tokens in merge order -> ``[N / m^2, out_hidden_size]``, in the same order."""
+        x = patch_tokens.reshape(-1, self.group) if self.postshuffle_norm else patch_tokens
+        x = self.norm(x).reshape(-1, self.group)  # [N / m^2, m^2 * D]
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class MergerHead(Merger):
+    """The merger as the model's pooled output: one row per ``m x m`` block of every frame, in input order."""
+
+    def forward(self, x: Tensor, packing: Packing, backend: str) -> Tensor:
+        return super().forward(packing.patch_tokens(x))
+
+
 def build_head(config: EncoderConfig, device=None, dtype=None) -> nn.Module | None:
     if config.head == "cls":
         return ClsHead()
@@ -89,4 +129,6 @@ def build_head(config: EncoderConfig, device=None, dtype=None) -> nn.Module | No
         return MapHead(config, device=device, dtype=dtype)
     if config.head == "attention_pool":
         return AttentionPoolHead(config, device=device, dtype=dtype)
+    if config.head == "merger":
+        return MergerHead(config, device=device, dtype=dtype)
     return None

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .config import FORMAT_NAME, EncoderConfig
 
-__all__ = ["is_native_dir", "load_native", "save_native", "to_patch_layout"]
+__all__ = ["is_native_dir", "load_native", "save_native"]
 
 
 def is_native_dir(path: Path) -> bool:
@@ -68,13 +68,3 @@ def load_native(path: Path) -> tuple[EncoderConfig, dict[str, Tensor]]:
     if not weights.is_file():
         raise FileNotFoundError(f"{path} has a {FORMAT_NAME} config.json but no model.safetensors")
     return EncoderConfig.from_json(path / "config.json"), load_file(weights)
-
-
-def to_patch_layout(weight: Tensor, config: EncoderConfig, layout: str) -> Tensor:
-    """Permute a patch-embedding weight ``[D, C*p*p]`` from ``config.patch_layout`` to ``layout``."""
-    if layout == config.patch_layout:
-        return weight
-    c, p = config.num_channels, config.patch_size
-    if layout == "ppc":  # (c, py, px) -> (py, px, c)
-        return weight.reshape(-1, c, p, p).permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-    return weight.reshape(-1, p, p, c).permute(0, 3, 1, 2).reshape(weight.shape[0], -1)

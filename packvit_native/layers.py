@@ -66,10 +66,12 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def make_norm(config: EncoderConfig, device=None, dtype=None) -> nn.Module:
+def make_norm(config: EncoderConfig, dim: int | None = None, device=None, dtype=None) -> nn.Module:
+    """The model's norm (kind and epsilon from ``config``) over ``dim`` features (default ``hidden_size``)."""
+    dim = dim or config.hidden_size
     if config.norm == "rmsnorm":
-        return RMSNorm(config.hidden_size, config.norm_eps, device=device, dtype=dtype)
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, device=device, dtype=dtype)
+        return RMSNorm(dim, config.norm_eps, device=device, dtype=dtype)
+    return nn.LayerNorm(dim, eps=config.norm_eps, device=device, dtype=dtype)
 
 
 class LayerScale(nn.Module):
@@ -115,14 +117,15 @@ class BlockContext:
     """What every block of one forward shares, computed once before the layer loop.
 
     Attributes:
-        segments: segment boundaries of the packed sequence.
+        segmentations: segment boundaries of the block sequence by name: ``"frames"`` always, ``"windows"``
+            for a model with attention windows; each block attends within the one it was built for.
         backend: concrete attention backend name.
-        rope: ``(cos, sin)`` each ``[T, 1, head_dim]`` in the activation dtype, or ``None``.
-        token_segment: ``[T]`` int64 segment of every token, prefix tokens included; only set when drop path
+        rope: ``(cos, sin)`` each ``[T, 1, head_dim]``, or ``None``; q and k are rotated in their dtype.
+        token_segment: ``[T]`` int64 frame of every token, prefix tokens included; only set when drop path
             is active (training with ``drop_path_rate > 0``).
     """
 
-    segments: Segments
+    segmentations: dict[str, Segments]
     backend: str
     rope: tuple[Tensor, Tensor] | None = None
     token_segment: Tensor | None = None
@@ -147,7 +150,7 @@ class DropPath(nn.Module):
         if ctx.token_segment is None:
             raise ValueError("drop path needs BlockContext.token_segment (the encoder sets it in training)")
         keep = 1.0 - self.p
-        num_segments = ctx.segments.cu_seqlens.shape[0] - 1
+        num_segments = ctx.segmentations["frames"].cu_seqlens.shape[0] - 1
         mask = torch.floor(torch.rand(num_segments, dtype=x.dtype, device=x.device) + keep)  # [S] of 0 / 1
         return x.div(keep) * mask[ctx.token_segment, None]
 
@@ -161,15 +164,23 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` ``[T, H, Dh]`` by angles whose cos/sin are ``[T, 1, Dh]`` (halves layout)."""
-    return x * cos + _rotate_half(x) * sin
+    """Rotate ``x`` ``[T, H, Dh]`` by angles whose cos/sin are ``[T, 1, Dh]`` (halves layout), in the dtype of
+    the angles, and return it in the dtype of ``x``."""
+    xr = x.to(cos.dtype)
+    return (xr * cos + _rotate_half(xr) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused q/k/v projection and varlen attention over segments."""
+    """Multi-head self-attention with a fused q/k/v projection and varlen attention over segments.
 
-    def __init__(self, config: EncoderConfig, device=None, dtype=None) -> None:
+    Args:
+        segmentation: which segmentation of the block sequence it attends within (``"frames"`` or
+            ``"windows"``, see :class:`~packvit_native.packing.Packing`).
+    """
+
+    def __init__(self, config: EncoderConfig, segmentation: str = "frames", device=None, dtype=None) -> None:
         super().__init__()
+        self.segmentation = segmentation
         d = config.hidden_size
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
@@ -194,7 +205,8 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(1)  # [T, H, Dh] each
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
-        out = varlen_attention(q, k, v, ctx.segments, ctx.segments, ctx.backend, self.scale)  # [T, H, Dh]
+        segments = ctx.segmentations[self.segmentation]
+        out = varlen_attention(q, k, v, segments, segments, ctx.backend, self.scale)  # [T, H, Dh]
         return self.proj(out.flatten(1))  # [T, D]
 
 
@@ -206,11 +218,12 @@ class Block(nn.Module):
     the same segments both times).
     """
 
-    def __init__(self, config: EncoderConfig, device=None, dtype=None) -> None:
+    def __init__(self, config: EncoderConfig, index: int, device=None, dtype=None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        windowed = config.window_size > 0 and index not in config.full_attention_blocks
         self.norm1 = make_norm(config, **dd)
-        self.attn = Attention(config, **dd)
+        self.attn = Attention(config, "windows" if windowed else "frames", **dd)
         self.ls1 = LayerScale(config.hidden_size, **dd) if config.layer_scale else nn.Identity()
         self.norm2 = make_norm(config, **dd)
         self.mlp = SwiGLU(config, **dd) if config.mlp == "swiglu" else Mlp(config, **dd)

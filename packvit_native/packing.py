@@ -1,8 +1,8 @@
 """Packing metadata: everything a forward needs to know about where each image sits in the packed sequence.
 
 A batch of ``B`` entries described by ``grid_thw`` (frames, rows, columns in patches) becomes one sequence.
-Every frame of every entry is its own attention *segment*; each segment holds the family's prefix tokens
-(CLS, registers) followed by that frame's patches::
+Every frame of every entry is its own attention segment; each segment holds the family's prefix tokens (CLS,
+registers) followed by that frame's patches::
 
     [p0 .. pk-1 | patches of frame 0] [p0 .. pk-1 | patches of frame 1] ...
 
@@ -10,6 +10,18 @@ Patches of a frame are row-major, or with ``merge_size = m > 1`` in *merge order
 ``m x m`` blocks, blocks are visited row-major and each block's ``m*m`` patches come out row-major and
 contiguous (what a Qwen-style patch merger reshapes into ``[N / m^2, m^2 * D]`` without a gather). Position
 encodings read each patch's ``(row, col)`` from :attr:`Packing.patch_coords`, so they follow either order.
+
+Segmentations. Attention runs over one of two named segmentations of the *block sequence* (the order tokens
+have inside the blocks): ``"frames"`` (each frame whole) and, for a model with attention windows,
+``"windows"``: each frame tiled from its top-left corner into windows of ``window_size`` patches a side, each
+a set of whole merge blocks, with partial windows at the right and bottom edges. Windows need their tokens
+contiguous, so the block sequence of a windowed model lists each frame window by window (merge blocks
+row-major inside a window); frames stay contiguous, so both segmentations describe the same sequence. Tokens
+are put in block order once on the way in (:meth:`Packing.to_blocks`) and back once on the way out
+(:meth:`Packing.to_sequence`).
+
+Outputs are read from the *sequence*: frame by frame, each frame's prefix tokens then its patches in input
+order. Without windows the block sequence is the sequence and :meth:`Packing.to_sequence` does nothing.
 
 All of it is built once per forward, before the layer loop, from host-side integers: ``cu_seqlens`` is int32,
 ``max_seqlen`` a Python int, and the index tensors are made on the CPU and copied to the device without
@@ -19,13 +31,18 @@ reuse the same metadata instead of recomputing it (or reading ``max_seqlen`` bac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = ["Packing", "Segments", "check_merge_size", "validate_grid_thw"]
+
+# cu_seqlens are int32, as the varlen kernels take them: a batch may hold at most this many tokens.
+MAX_TOKENS = 2**31 - 1
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -66,11 +83,7 @@ class Segments:
         return sum(self.lengths)
 
 
-def validate_grid_thw(grid_thw: Tensor | list | tuple) -> tuple[tuple[int, int, int], ...]:
-    """Check ``grid_thw`` and return it as host-side ``(t, h, w)`` triples.
-
-    A CUDA ``grid_thw`` costs one device-to-host copy here (once per forward); keep it on the CPU to avoid it.
-    """
+def _grid_rows(grid_thw: Tensor | Sequence | np.ndarray) -> list[Sequence]:
     if isinstance(grid_thw, np.ndarray):
         grid_thw = torch.from_numpy(grid_thw)
     if isinstance(grid_thw, Tensor):
@@ -78,18 +91,50 @@ def validate_grid_thw(grid_thw: Tensor | list | tuple) -> tuple[tuple[int, int, 
             raise ValueError(f"grid_thw must hold integers, got dtype {grid_thw.dtype}")
         if grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
             raise ValueError(f"grid_thw must have shape [num_images, 3], got {tuple(grid_thw.shape)}")
-        rows = grid_thw.tolist()
-    else:
-        rows = [list(r) for r in grid_thw]
-        for r in rows:
-            if len(r) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in r):
-                raise ValueError(f"grid_thw rows must be three integers (t, h, w), got {r!r}")
+        if grid_thw.device.type == "meta":
+            raise ValueError("grid_thw is on the meta device and holds no values; pass it on the CPU")
+        return grid_thw.tolist()
+    if not isinstance(grid_thw, Sequence) or isinstance(grid_thw, (str, bytes)):
+        raise ValueError(
+            f"grid_thw must be a [num_images, 3] tensor or a list of (t, h, w), got {grid_thw!r}"
+        )
+    if len(grid_thw) == 3 and all(isinstance(v, Integral) for v in grid_thw):
+        raise ValueError(f"grid_thw must be a list of (t, h, w) rows; for one image write [{list(grid_thw)}]")
+    rows = []
+    for r in grid_thw:
+        if isinstance(r, (Tensor, np.ndarray)):
+            r = r.tolist()
+        if not isinstance(r, Sequence) or isinstance(r, (str, bytes)):
+            raise ValueError(f"grid_thw rows must be three integers (t, h, w), got {r!r}")
+        rows.append(r)
+    return rows
+
+
+def validate_grid_thw(grid_thw: Tensor | Sequence | np.ndarray) -> tuple[tuple[int, int, int], ...]:
+    """Check ``grid_thw`` and return it as host-side ``(t, h, w)`` triples, in time and memory linear in the
+    number of images (nothing is expanded per patch here).
+
+    A CUDA ``grid_thw`` costs one device-to-host copy here (once per forward); keep it on the CPU to avoid it.
+    """
+    rows = _grid_rows(grid_thw)
     if not rows:
         raise ValueError("grid_thw is empty: the batch must hold at least one image")
-    for i, (t, h, w) in enumerate(rows):
+    out = []
+    total = 0
+    for i, r in enumerate(rows):
+        if len(r) != 3 or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in r):
+            raise ValueError(f"grid_thw rows must be three integers (t, h, w), got {list(r)!r}")
+        t, h, w = (int(v) for v in r)
         if t < 1 or h < 1 or w < 1:
             raise ValueError(f"grid_thw[{i}] = ({t}, {h}, {w}): frames, rows and columns must all be >= 1")
-    return tuple((int(t), int(h), int(w)) for t, h, w in rows)
+        total += t * h * w
+        if total > MAX_TOKENS:
+            raise ValueError(
+                f"grid_thw describes more than {MAX_TOKENS} patches (at entry {i}: {t}x{h}x{w}); one packed "
+                "batch holds at most that many"
+            )
+        out.append((t, h, w))
+    return tuple(out)
 
 
 def check_merge_size(grid: tuple[tuple[int, int, int], ...], merge_size: int) -> None:
@@ -114,41 +159,75 @@ def _patch_position(local: Tensor, w: Tensor, merge_size: int) -> tuple[Tensor, 
     return (block // blocks_per_row) * m + inner // m, (block % blocks_per_row) * m + inner % m
 
 
+def _window_order(
+    frame_sizes: tuple[tuple[int, int], ...], merge_size: int, window_size: int
+) -> tuple[Tensor, tuple[int, ...]]:
+    """Block order of a windowed model: ``[N]`` input index of each block position, and the window lengths.
+
+    Every merge block gets a key (frame, window row, window column). A stable sort by that key lists each
+    window's blocks in the order they have in the frame, i.e. row-major inside the window.
+    """
+    m, side = merge_size, window_size // merge_size  # window side in merge blocks
+    block_rows = torch.tensor([h // m for h, _ in frame_sizes], dtype=torch.int64)  # [S]
+    block_cols = torch.tensor([w // m for _, w in frame_sizes], dtype=torch.int64)
+    blocks = block_rows * block_cols
+    win_cols = (block_cols + side - 1) // side
+    windows = ((block_rows + side - 1) // side) * win_cols  # [S] windows per frame
+    frame = torch.repeat_interleave(torch.arange(len(frame_sizes)), blocks)  # [N / m^2]
+    local = torch.arange(int(blocks.sum())) - (torch.cumsum(blocks, 0) - blocks)[frame]
+    row, col = local // block_cols[frame], local % block_cols[frame]
+    key = (torch.cumsum(windows, 0) - windows)[frame] + (row // side) * win_cols[frame] + col // side
+    block_order = torch.sort(key, stable=True).indices  # [N / m^2]
+    lengths = torch.bincount(key, minlength=int(windows.sum())) * (m * m)
+    token_order = (block_order[:, None] * (m * m) + torch.arange(m * m)).flatten()  # [N]
+    return token_order, tuple(lengths.tolist())
+
+
 @dataclass(frozen=True, eq=False)
 class Packing:
-    """Where every token of a packed batch lives. Build it with :meth:`from_grid`.
+    """Where every token of a packed batch lives. Build it with :meth:`from_grid` (or ``model.pack``).
 
     Attributes:
         grid: host-side ``(t, h, w)`` per entry, as given.
         frame_sizes: host-side ``(h, w)`` per segment (one segment per frame).
         num_prefix: prefix tokens at the start of every segment.
-        tokens: segment boundaries of the full sequence (prefix + patches).
-        patches: segment boundaries of the patch tokens alone (the model's input and output layout).
-        patch_rows: ``[N]`` row in the full sequence of each input patch (``None`` when there are no prefixes).
-        prefix_rows: ``[S * num_prefix]`` rows of the prefix tokens, segment-major (``None`` when there are none).
-        patch_coords: ``[N, 4]`` int32 per patch: row, column, frame rows ``h``, frame columns ``w``.
-        patch_segment: ``[N]`` int64 segment (frame) index of each patch.
+        frames: segment boundaries of the block sequence by frame (prefix tokens and patches).
+        frame_patches: segment boundaries of the patch tokens alone, in input order (the model's input and
+            output layout).
+        windows: segment boundaries of the block sequence by attention window, or ``None`` without windows.
+        patch_rows: ``[N]`` row in the sequence of each input patch (``None`` without prefixes).
+        prefix_rows: ``[S * num_prefix]`` rows of the prefix tokens, segment-major (``None`` without prefixes).
+        block_order: ``[N]`` input patch at each row of a windowed block sequence (``None`` without windows).
+        block_rows: ``[N]`` row in the windowed block sequence of each input patch (``None`` without windows).
+        patch_coords: ``[N, 4]`` int32 per input patch: row, column, frame rows ``h``, frame columns ``w``.
+        patch_segment: ``[N]`` int64 segment (frame) index of each input patch.
         merge_size: ``1`` for row-major patches, ``m`` for merge order (see the module docstring).
+        window_size: side of the attention windows in patches, ``0`` for none.
     """
 
     grid: tuple[tuple[int, int, int], ...]
     frame_sizes: tuple[tuple[int, int], ...]
     num_prefix: int
-    tokens: Segments
-    patches: Segments
+    frames: Segments
+    frame_patches: Segments
+    windows: Segments | None
     patch_rows: Tensor | None
     prefix_rows: Tensor | None
+    block_order: Tensor | None
+    block_rows: Tensor | None
     patch_coords: Tensor
     patch_segment: Tensor
     merge_size: int = 1
+    window_size: int = 0
 
     @classmethod
     def from_grid(
         cls,
-        grid_thw: Tensor | list | tuple,
+        grid_thw: Tensor | Sequence | np.ndarray,
         num_prefix: int = 0,
         device: torch.device | str = "cpu",
         merge_size: int = 1,
+        window_size: int = 0,
     ) -> Packing:
         """Build the packing of a batch from its ``grid_thw`` ``[B, 3]`` (frames, rows, columns).
 
@@ -158,10 +237,18 @@ class Packing:
             device: where the index tensors go.
             merge_size: ``m``: patches of each frame come in ``m x m`` blocks (merge order); every frame's rows
                 and columns must be multiples of ``m``.
+            window_size: side of the attention windows in patches (a multiple of ``merge_size``); ``0`` for
+                none. Windows and prefix tokens cannot be combined.
         """
         device = torch.device(device)
         grid = validate_grid_thw(grid_thw)
         check_merge_size(grid, merge_size)
+        if not isinstance(window_size, int) or window_size < 0 or window_size % merge_size:
+            raise ValueError(
+                f"window_size must be a non-negative multiple of merge_size, got {window_size!r}"
+            )
+        if window_size and num_prefix:
+            raise ValueError("attention windows and prefix tokens cannot be combined")
         frame_sizes = tuple((h, w) for t, h, w in grid for _ in range(t))
         patch_lengths = tuple(h * w for h, w in frame_sizes)
         num_segments = len(frame_sizes)
@@ -174,24 +261,34 @@ class Packing:
         h, w = sizes[seg_of_patch].unbind(1)
         coords = torch.stack([*_patch_position(local, w, merge_size), h, w], dim=1).to(torch.int32)  # [N, 4]
 
-        patch_rows = prefix_rows = None
+        patch_rows = prefix_rows = block_order = block_rows = windows = None
         if num_prefix:
-            patch_rows = torch.arange(len(local)) + (seg_of_patch + 1) * num_prefix
+            patch_rows = _to_device(torch.arange(len(local)) + (seg_of_patch + 1) * num_prefix, device)
             seg_token_start = seg_start + torch.arange(num_segments) * num_prefix  # [S]
-            prefix_rows = (seg_token_start[:, None] + torch.arange(num_prefix)).flatten()
-            patch_rows, prefix_rows = _to_device(patch_rows, device), _to_device(prefix_rows, device)
+            prefix_rows = _to_device((seg_token_start[:, None] + torch.arange(num_prefix)).flatten(), device)
+        if window_size:
+            order, window_lengths = _window_order(frame_sizes, merge_size, window_size)
+            block_rows = _to_device(
+                torch.empty_like(order).scatter_(0, order, torch.arange(len(order))), device
+            )
+            block_order = _to_device(order, device)
+            windows = Segments.from_lengths(window_lengths, device)
 
         return cls(
             grid=grid,
             frame_sizes=frame_sizes,
             num_prefix=num_prefix,
-            tokens=Segments.from_lengths(tuple(n + num_prefix for n in patch_lengths), device),
-            patches=Segments.from_lengths(patch_lengths, device),
+            frames=Segments.from_lengths(tuple(n + num_prefix for n in patch_lengths), device),
+            frame_patches=Segments.from_lengths(patch_lengths, device),
+            windows=windows,
             patch_rows=patch_rows,
             prefix_rows=prefix_rows,
+            block_order=block_order,
+            block_rows=block_rows,
             patch_coords=_to_device(coords, device),
             patch_segment=_to_device(seg_of_patch, device),
             merge_size=merge_size,
+            window_size=window_size,
         )
 
     @property
@@ -200,28 +297,47 @@ class Packing:
 
     @property
     def num_patches(self) -> int:
-        return self.patches.total
+        return self.frame_patches.total
+
+    @property
+    def device(self) -> torch.device:
+        return self.frames.cu_seqlens.device
+
+    def segmentation(self, name: str) -> Segments:
+        """The named segmentation of the block sequence: ``"frames"`` or ``"windows"``."""
+        if name == "frames":
+            return self.frames
+        if name == "windows" and self.windows is not None:
+            return self.windows
+        raise ValueError(f"this packing has no {name!r} segmentation (window_size={self.window_size})")
 
     def token_segment(self) -> Tensor:
-        """``[N + S*k]`` int64 segment index of every token of the packed sequence, prefix tokens included."""
-        lengths = torch.tensor(self.tokens.lengths, dtype=torch.int64)
+        """``[T]`` int64 frame index of every token of the block sequence, prefix tokens included."""
+        lengths = torch.tensor(self.frames.lengths, dtype=torch.int64)
         seg = torch.repeat_interleave(torch.arange(self.num_segments), lengths)
-        return _to_device(seg, self.patch_segment.device)
+        return _to_device(seg, self.device)
 
-    def insert_prefix(self, patch_tokens: Tensor, prefix: Tensor | None) -> Tensor:
-        """``[N, D]`` patch tokens and ``[k, D]`` prefix tokens -> ``[N + S*k, D]`` packed sequence."""
-        if self.patch_rows is None or prefix is None:
+    def to_blocks(self, patch_tokens: Tensor, prefix: Tensor | None = None) -> Tensor:
+        """``[N, ...]`` patch tokens in input order and ``[k, ...]`` prefix tokens -> ``[T, ...]`` block sequence."""
+        if self.block_order is not None:
+            return patch_tokens.index_select(0, self.block_order)
+        if self.prefix_rows is None or prefix is None:
             return patch_tokens
-        out = patch_tokens.new_empty(self.tokens.total, patch_tokens.shape[-1])
+        out = patch_tokens.new_empty(self.frames.total, *patch_tokens.shape[1:])
         out = out.index_copy(0, self.patch_rows, patch_tokens)
         return out.index_copy(0, self.prefix_rows, prefix.to(patch_tokens.dtype).repeat(self.num_segments, 1))
 
-    def patch_tokens(self, tokens: Tensor) -> Tensor:
-        """``[N + S*k, ...]`` -> ``[N, ...]``: the patch tokens in input order."""
-        return tokens if self.patch_rows is None else tokens.index_select(0, self.patch_rows)
+    def to_sequence(self, tokens: Tensor) -> Tensor:
+        """``[T, ...]`` block sequence -> ``[T, ...]`` sequence (frame by frame, prefix tokens then patches in
+        input order); the block sequence itself unless windows reordered it."""
+        return tokens if self.block_rows is None else tokens.index_select(0, self.block_rows)
 
-    def prefix_tokens(self, tokens: Tensor) -> Tensor:
-        """``[N + S*k, D]`` -> ``[S, k, D]``: each segment's prefix tokens."""
+    def patch_tokens(self, sequence: Tensor) -> Tensor:
+        """``[T, ...]`` sequence -> ``[N, ...]``: the patch tokens in input order."""
+        return sequence if self.patch_rows is None else sequence.index_select(0, self.patch_rows)
+
+    def prefix_tokens(self, sequence: Tensor) -> Tensor:
+        """``[T, D]`` sequence -> ``[S, k, D]``: each segment's prefix tokens."""
         if self.prefix_rows is None:
-            return tokens.new_empty(self.num_segments, 0, tokens.shape[-1])
-        return tokens.index_select(0, self.prefix_rows).unflatten(0, (self.num_segments, self.num_prefix))
+            return sequence.new_empty(self.num_segments, 0, sequence.shape[-1])
+        return sequence.index_select(0, self.prefix_rows).unflatten(0, (self.num_segments, self.num_prefix))

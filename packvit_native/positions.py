@@ -1,10 +1,25 @@
-"""Position encodings, each computed once per forward for the whole packed batch.
+"""Position encodings: one module, one interface, computed once per forward for the whole packed batch.
 
-- :class:`Rope2D` (DINOv3): rotary angles from patch-centre coordinates normalised to [-1, 1] per image; prefix
-  tokens get the identity rotation (cos = 1, sin = 0).
-- :class:`SinCos2D` (AIMv2 native): a fixed additive sin-cos table per image size.
-- :class:`LearnedGrid` (SigLIP, SigLIP2, fixed-size AIMv2): an additive learned table of ``rows x cols``,
-  resized to each distinct image size once per forward.
+:class:`Positions` returns :class:`PositionTerms`: an additive term for the patch tokens, rotary angles for the
+block sequence, or both (Qwen3-VL adds a resized learned table *and* rotates by 2D RoPE). The encoder adds what
+is there and hands the angles to the blocks; it never asks which kind of encoding a model has.
+
+Additive terms (``config.pos_embed``):
+
+- ``"learned"``: a ``rows x cols`` table, resized per distinct image size as ``config.pos_resize`` says
+  (SigLIP's bicubic ``interpolate_pos_encoding``, SigLIP2 NaFlex's antialiased bilinear, Qwen3-VL's bilinear
+  with aligned corners) or used at its trained size only.
+- ``"sincos2d"``: AIMv2-native's fixed 2D sin-cos table, built per image size.
+
+Rotary angles (``config.rope``), from each patch's own (row, col), so any token order inside a frame is right:
+
+- ``"normalized"`` (DINOv3): patch centres scaled to [-1, 1] per image, angles ``2*pi*coord*freq``; in
+  training mode, DINOv3's coordinate augmentation (one draw per frame).
+- ``"index"`` (Qwen-VL): integer row and column, angles ``coord*freq``.
+
+Both use frequencies ``theta ** -(4i / head_dim)`` and the same layout: row angles, then column angles, the
+whole vector tiled twice, so the rotation pairs channel ``j`` with ``j + head_dim/2`` (rotate-half). Prefix
+tokens get the identity rotation.
 
 Tables that depend only on the image size are built in fp32 per *distinct* size and gathered into packed order
 with one index; nothing here runs per layer.
@@ -14,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +38,25 @@ from torch import Tensor, nn
 from .config import EncoderConfig
 from .packing import Packing, _to_device
 
-__all__ = ["LearnedGrid", "Rope2D", "SinCos2D", "build_positions"]
+__all__ = ["PositionTerms", "Positions"]
+
+
+@dataclass(frozen=True)
+class PositionTerms:
+    """What a model's position encoding contributes to one forward.
+
+    Attributes:
+        additive: ``[N, D]`` fp32 term added to the patch tokens (input order), or ``None``.
+        rotary: ``(cos, sin)``, each ``[T, 1, head_dim]`` over the block sequence (identity on prefix tokens),
+            in the dtype q and k are rotated in, or ``None``.
+    """
+
+    additive: Tensor | None = None
+    rotary: tuple[Tensor, Tensor] | None = None
 
 
 def _size_table_rows(packing: Packing) -> tuple[tuple[tuple[int, int], ...], Tensor]:
-    """Distinct frame sizes, and for each patch its row in the concatenation of per-size row-major tables.
-
-    Rows come from each patch's own (row, col), so any token order inside a frame is honoured.
-    """
+    """Distinct frame sizes, and for each patch its row in the concatenation of per-size row-major tables."""
     distinct = tuple(dict.fromkeys(packing.frame_sizes))
     offsets, start = {}, 0
     for h, w in distinct:
@@ -39,55 +66,6 @@ def _size_table_rows(packing: Packing) -> tuple[tuple[tuple[int, int], ...], Ten
     seg_offset = _to_device(seg_offset, packing.patch_coords.device)
     row, col, _, w = packing.patch_coords.long().unbind(1)
     return distinct, seg_offset[packing.patch_segment] + row * w + col  # [N]
-
-
-class Rope2D(nn.Module):
-    """DINOv3's 2D RoPE: per-axis frequencies ``theta ** -(4i / head_dim)``, angles ``2*pi*coord*freq``.
-
-    The y and x angle halves are concatenated and the whole vector tiled twice, so the rotation pairs channel
-    ``j`` with ``j + head_dim/2`` (rotate-half layout). Angles are computed in fp32 as the reference does and
-    cast to the activation dtype once per forward.
-
-    In training mode the coordinates are augmented as DINOv3 trains (random shift, log-uniform jitter per axis,
-    log-uniform rescale), with one draw per segment: each packed image is augmented as if it were its own batch.
-    """
-
-    def __init__(self, config: EncoderConfig) -> None:
-        super().__init__()
-        self.head_dim = config.head_dim
-        self.theta = config.rope_theta
-        self.shift = config.pos_embed_shift
-        self.jitter = config.pos_embed_jitter
-        self.rescale = config.pos_embed_rescale
-
-    def _augment(self, coords: Tensor, packing: Packing) -> Tensor:
-        s = packing.num_segments
-        seg = packing.patch_segment
-        if self.shift is not None:
-            coords = coords + torch.empty(s, 2, device=coords.device).uniform_(-self.shift, self.shift)[seg]
-        if self.jitter is not None:
-            r = math.log(self.jitter)
-            coords = coords * torch.empty(s, 2, device=coords.device).uniform_(-r, r).exp()[seg]
-        if self.rescale is not None:
-            r = math.log(self.rescale)
-            coords = coords * torch.empty(s, 1, device=coords.device).uniform_(-r, r).exp()[seg]
-        return coords
-
-    def forward(self, packing: Packing, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(cos, sin)``, each ``[T, 1, head_dim]`` over the full packed sequence, prefix rows included."""
-        pc = packing.patch_coords.float()  # [N, 4]: row, col, h, w
-        row, col, h, w = pc.unbind(1)
-        coords = (
-            torch.stack([(row + 0.5) / h, (col + 0.5) / w], dim=1) * 2.0 - 1.0
-        )  # [N, 2] (y, x) in [-1, 1]
-        if self.training:
-            coords = self._augment(coords, packing)
-        freqs = 1.0 / self.theta ** torch.arange(0, 1, 4 / self.head_dim, device=pc.device)  # [Dh/4]
-        angles = (2 * math.pi * coords[:, :, None] * freqs).flatten(1).tile(2)  # [N, Dh]
-        ones = angles.new_ones(packing.num_prefix, self.head_dim)
-        cos = packing.insert_prefix(angles.cos(), ones)  # prefix rows: identity rotation
-        sin = packing.insert_prefix(angles.sin(), ones.zero_())
-        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 @functools.lru_cache(maxsize=64)
@@ -106,76 +84,116 @@ def _sincos_table(h: int, w: int, dim: int, temperature: float, device: torch.de
     return torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1).float()  # [h*w, dim]
 
 
-class SinCos2D(nn.Module):
-    """AIMv2-native fixed 2D sin-cos table, built per image size (cached across forwards) in fp32."""
-
-    def __init__(self, config: EncoderConfig, temperature: float = 10000.0) -> None:
-        super().__init__()
-        self.dim = config.hidden_size
-        self.temperature = temperature
-
-    def forward(self, packing: Packing) -> Tensor:
-        """``[N, D]`` fp32 additive embeddings in packed patch order (cached per size across forwards)."""
-        distinct, rows = _size_table_rows(packing)
-        device = packing.patch_coords.device
-        tables = [_sincos_table(h, w, self.dim, self.temperature, device) for h, w in distinct]
-        return torch.cat(tables).index_select(0, rows)
+SINCOS_TEMPERATURE = 10000.0
 
 
-class LearnedGrid(nn.Module):
-    """Additive learned position table of ``rows x cols`` entries, resized per distinct image size.
+class Positions(nn.Module):
+    """Every position term of a model (see the module docstring); ``forward`` gives :class:`PositionTerms`.
 
-    ``resize="none"`` accepts only the trained grid; ``"bicubic"`` follows SigLIP's ``interpolate_pos_encoding``
-    (exact table at the trained square size, bicubic otherwise); ``"bilinear_antialias"`` follows SigLIP2
-    NaFlex, resizing in fp32 for every image. transformers resizes in fp32 only on the CPU and in the weight
-    dtype on a GPU; we always resize in fp32, so a bf16 GPU run is closer to the fp32 result than the reference.
+    The learned table, when there is one, is this module's ``weight`` ``[rows * cols, D]``.
+    transformers resizes learned tables in fp32 on the CPU but in the weight dtype on a GPU; we always resize
+    in fp32, so a bf16 GPU run is closer to the fp32 result than the reference.
     """
 
     def __init__(self, config: EncoderConfig, device=None, dtype=None) -> None:
         super().__init__()
-        assert config.pos_grid is not None
-        self.grid = config.pos_grid
-        self.resize = config.pos_resize
-        self.weight = nn.Parameter(
-            torch.empty(self.grid[0] * self.grid[1], config.hidden_size, device=device, dtype=dtype)
-        )
-        nn.init.normal_(self.weight, std=0.02)
+        self.config = config
+        self.weight = None
+        if config.pos_embed == "learned":
+            rows, cols = config.pos_grid
+            self.weight = nn.Parameter(
+                torch.empty(rows * cols, config.hidden_size, device=device, dtype=dtype)
+            )
+            nn.init.normal_(self.weight, std=0.02)
+        self._additive = {"none": None, "learned": self._learned, "sincos2d": self._sincos}[config.pos_embed]
+        self._coords = {"none": None, "normalized": self._normalized_coords, "index": self._index_coords}[
+            config.rope
+        ]
+
+    def forward(self, packing: Packing, dtype: torch.dtype) -> PositionTerms:
+        """Position terms of ``packing``'s batch; rotary angles come in ``dtype`` (fp32 with ``rope_fp32``)."""
+        additive = None
+        if self._additive is not None:
+            distinct, rows = _size_table_rows(packing)
+            tables = [self._additive(h, w, packing.device) for h, w in distinct]
+            additive = torch.cat(tables).index_select(0, rows)  # [N, D]
+        rotary = None
+        if self._coords is not None:
+            rotary = self._rotary(
+                self._coords(packing), packing, torch.float32 if self.config.rope_fp32 else dtype
+            )
+        return PositionTerms(additive, rotary)
 
     def check_sizes(self, packing: Packing) -> None:
-        if self.resize != "none":
-            return
-        for h, w in packing.frame_sizes:
-            if (h, w) != self.grid:
+        """Refuse image sizes a fixed-size learned table cannot take."""
+        fixed = self.config.fixed_size
+        for h, w in packing.frame_sizes if fixed else ():
+            if (h, w) != fixed:
                 raise ValueError(
-                    f"this model's learned position table is {self.grid[0]}x{self.grid[1]} patches and was "
-                    f"loaded without interpolation, but an image is {h}x{w} patches; resize the image or load "
-                    f"with pos_resize='bicubic' (an extension: the reference model has no such option)"
+                    f"this model's learned position table is {fixed[0]}x{fixed[1]} patches and was loaded "
+                    f"without interpolation, but an image is {h}x{w} patches; resize the image or load with "
+                    f"pos_resize='bicubic' (an extension: the reference model has no such option)"
                 )
 
-    def _table(self, h: int, w: int) -> Tensor:
-        gh, gw = self.grid
-        if (h, w) == (gh, gw) and (self.resize != "bilinear_antialias"):
-            return self.weight
-        grid = self.weight.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # [1, D, gh, gw]
-        if self.resize == "bicubic":
+    def _learned(self, h: int, w: int, device: torch.device) -> Tensor:
+        gh, gw = self.config.pos_grid
+        resize = self.config.pos_resize
+        if (h, w) == (gh, gw) and resize in ("none", "bicubic"):
+            return self.weight.float()
+        grid = self.weight.float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # [1, D, gh, gw]
+        if resize == "bicubic":
             out = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        elif resize == "bilinear_antialias":
+            out = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         else:
-            # SigLIP2 resizes in fp32 (antialiased bilinear has no half-precision CPU kernel) and casts back.
-            out = F.interpolate(
-                grid.float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True
+            out = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=True)
+        return out.flatten(2)[0].T  # [h*w, D]
+
+    def _sincos(self, h: int, w: int, device: torch.device) -> Tensor:
+        return _sincos_table(h, w, self.config.hidden_size, SINCOS_TEMPERATURE, device)
+
+    def _normalized_coords(self, packing: Packing) -> Tensor:
+        row, col, h, w = packing.patch_coords.float().unbind(1)
+        coords = (
+            torch.stack([(row + 0.5) / h, (col + 0.5) / w], dim=1) * 2.0 - 1.0
+        )  # [N, 2] (y, x) in [-1, 1]
+        if self.training:
+            coords = self._augment(coords, packing)
+        return 2 * math.pi * coords
+
+    def _index_coords(self, packing: Packing) -> Tensor:
+        return packing.patch_coords[:, :2].float()  # [N, 2] (row, col)
+
+    def _augment(self, coords: Tensor, packing: Packing) -> Tensor:
+        """DINOv3's training-time coordinate augmentation, one draw per segment: random shift, log-uniform
+        jitter per axis, log-uniform rescale (each only if configured)."""
+        c = self.config
+        s, seg = packing.num_segments, packing.patch_segment
+        if c.pos_embed_shift is not None:
+            coords = (
+                coords
+                + torch.empty(s, 2, device=coords.device).uniform_(-c.pos_embed_shift, c.pos_embed_shift)[seg]
             )
-        return out.to(self.weight.dtype).flatten(2)[0].T  # [h*w, D]
+        if c.pos_embed_jitter is not None:
+            r = math.log(c.pos_embed_jitter)
+            coords = coords * torch.empty(s, 2, device=coords.device).uniform_(-r, r).exp()[seg]
+        if c.pos_embed_rescale is not None:
+            r = math.log(c.pos_embed_rescale)
+            coords = coords * torch.empty(s, 1, device=coords.device).uniform_(-r, r).exp()[seg]
+        return coords
 
-    def forward(self, packing: Packing) -> Tensor:
-        """``[N, D]`` additive embeddings in packed patch order."""
-        self.check_sizes(packing)
-        distinct, rows = _size_table_rows(packing)
-        return torch.cat([self._table(h, w) for h, w in distinct]).index_select(0, rows)
+    def _exponents(self, dh: int, device: torch.device) -> Tensor:
+        # 4i / head_dim for i < head_dim / 4, spelled as each reference spells it: the two spellings round
+        # differently in fp32, and angles of far-away patches magnify that.
+        if self.config.rope == "normalized":
+            return torch.arange(0, 1, 4 / dh, dtype=torch.float32, device=device)
+        return torch.arange(0, dh // 2, 2, dtype=torch.float32, device=device) / (dh // 2)
 
-
-def build_positions(config: EncoderConfig, device=None, dtype=None) -> nn.Module:
-    if config.positions == "rope2d":
-        return Rope2D(config)
-    if config.positions == "sincos2d":
-        return SinCos2D(config)
-    return LearnedGrid(config, device=device, dtype=dtype)
+    def _rotary(self, coords: Tensor, packing: Packing, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        dh = self.config.head_dim
+        freqs = 1.0 / self.config.rope_theta ** self._exponents(dh, coords.device)  # [Dh/4]
+        angles = (coords[:, :, None] * freqs).flatten(1).tile(2)  # [N, Dh]: row angles, col angles, twice
+        ones = angles.new_ones(packing.num_prefix, dh)
+        cos = packing.to_blocks(angles.cos(), ones)  # prefix rows: identity rotation
+        sin = packing.to_blocks(angles.sin(), ones.zero_())
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]

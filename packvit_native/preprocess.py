@@ -18,11 +18,15 @@ into patches in the model's layout and token order. The target size follows one 
     A fixed size in pixels (aspect ratio not kept): what a model whose learned position table cannot be
     resized needs.
 
-With none given, :func:`default_resize` picks the family's rule: the trained grid for a learned table without
-resizing, ``max_patches=256`` for SigLIP2, else smart resize between ``16`` and ``1024`` patches' worth of
-pixels.
+With none given, :func:`default_resize` takes the checkpoint's rule from its config (what its image processor
+does, recorded by the converter): the trained grid for a learned table that cannot be resized, else
+``config.resize_max_patches`` or ``config.resize_min_pixels`` / ``resize_max_pixels``, else smart resize between
+``16`` and ``1024`` patches' worth of pixels.
 
-Resampling: PIL images (and files) are resized by PIL itself, on 8-bit pixels, and converted to float as
+A model with ``temporal_patch_size = T > 1`` (Qwen-VL) takes every still image repeated over ``T`` frames and
+clips whose frame count is a multiple of ``T``.
+
+Resampling uses ``config.resample`` unless told otherwise. PIL images (and files) are resized by PIL itself, on 8-bit pixels, and converted to float as
 transformers' PIL image processors do (``uint8 -> float64 * 1/255 -> float32``, then ``(x - mean) / std`` in
 float32), so the patches are bit-identical to theirs. Tensors are resized with
 ``torch.nn.functional.interpolate(antialias=True)`` in float32 on their own device (close to PIL, not bitwise:
@@ -59,8 +63,6 @@ __all__ = [
 ImageLike = Image.Image | Tensor | str | os.PathLike
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-# What each family's transformers image processor resamples with.
-_FAMILY_RESAMPLE = {"dinov3": "bilinear", "siglip2": "bilinear", "siglip": "bicubic", "aimv2": "bicubic"}
 
 
 def naflex_size(
@@ -112,12 +114,15 @@ def smart_size(height: int, width: int, factor: int, min_pixels: int, max_pixels
 def default_resize(config: EncoderConfig) -> dict[str, Any]:
     """The resize rule :func:`preprocess` uses for ``config`` when the caller gives none."""
     p = config.patch_size
-    if config.positions == "learned" and config.pos_resize == "none":
-        assert config.pos_grid is not None
-        return {"size": (config.pos_grid[0] * p, config.pos_grid[1] * p)}
-    if config.family == "siglip2":
-        return {"max_patches": 256}
-    return {"min_pixels": 16 * p * p, "max_pixels": 1024 * p * p}
+    if config.fixed_size is not None:
+        return {"size": (config.fixed_size[0] * p, config.fixed_size[1] * p)}
+    if config.resize_max_patches is not None:
+        return {"max_patches": config.resize_max_patches}
+    lo, hi = config.resize_min_pixels, config.resize_max_pixels
+    return {
+        "min_pixels": 16 * p * p if lo is None else lo,
+        "max_pixels": max(1024 * p * p, lo or 0) if hi is None else hi,
+    }
 
 
 def target_size(
@@ -191,10 +196,25 @@ def _from_pil(image: Image.Image, hw: tuple[int, int], resample: str, channels: 
     return (pixels.permute(2, 0, 1).double() * (1 / 255)).float()[None]  # [1, C, H, W]
 
 
+def _unit_range(image: Tensor, i: int) -> Tensor:
+    """A tensor image as floats in [0, 1]: ``uint8`` is read as 0-255, floats must already be in [0, 1]."""
+    if image.dtype == torch.uint8:
+        return image.double() * (1 / 255)  # float64 then float32, as transformers rescales
+    if not image.is_floating_point():
+        raise ValueError(
+            f"image {i}: a tensor must be uint8 (0-255) or floating point (0-1), got {image.dtype}"
+        )
+    lo, hi = float(image.min()), float(image.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"image {i}: a floating-point tensor must hold pixels in [0, 1], got values from {lo:g} to {hi:g}; "
+            "divide 0-255 pixels by 255, or pass them as a uint8 tensor"
+        )
+    return image
+
+
 def _from_tensor(image: Tensor, hw: tuple[int, int], resample: str) -> Tensor:
-    frames = image if image.ndim == 4 else image[None]  # [T, C, H, W]
-    frames = frames.double() * (1 / 255) if frames.dtype == torch.uint8 else frames
-    frames = frames.float()
+    frames = (image if image.ndim == 4 else image[None]).float()  # [T, C, H, W]
     if tuple(frames.shape[-2:]) == hw:
         return frames
     out = F.interpolate(frames, size=hw, mode=resample, align_corners=False, antialias=True)
@@ -225,7 +245,8 @@ def preprocess(
         max_patches: NaFlex rule: fill a budget of this many patches per frame.
         min_pixels, max_pixels: smart-resize rule: native resolution, clamped to this pixel area.
         size: fixed ``(height, width)`` in pixels.
-        resample: ``"bilinear"`` or ``"bicubic"``; default: what the family's transformers processor uses.
+        resample: ``"bilinear"`` or ``"bicubic"``; default: ``config.resample``, what the checkpoint's image
+            processor uses.
         device: where tensors are resized and the patches returned (default: the CPU).
 
     Returns:
@@ -233,7 +254,7 @@ def preprocess(
         ``model``.
     """
     config: EncoderConfig = model if isinstance(model, EncoderConfig) else model.config
-    resample = resample or _FAMILY_RESAMPLE.get(config.family, "bilinear")
+    resample = resample or config.resample
     if resample not in _RESAMPLE:
         raise ValueError(f"resample must be one of {list(_RESAMPLE)}, got {resample!r}")
     if isinstance(images, np.ndarray) or (
@@ -271,10 +292,13 @@ def preprocess(
                     f"image {i}: a tensor must be [C, H, W] or [T, C, H, W] with C = {c}, got {tuple(item.shape)}"
                 )
             hw = target_size(item.shape[-2], item.shape[-1], config, **rule)
-            x = _from_tensor(item.to(device), hw, resample)
+            x = _from_tensor(_unit_range(item.to(device), i), hw, resample)
         else:
             raise ValueError(
                 f"image {i}: expected a PIL image, a path or a tensor, got {type(item).__name__}"
             )
         frames.append((x - mean) / std)  # [T, C, H, W]
-    return patchify(frames, config.patch_size, layout=config.patch_layout, merge_size=config.merge_size)
+    return patchify(
+        frames, config.patch_size, layout=config.patch_layout, merge_size=config.merge_size,
+        temporal_patch_size=config.temporal_patch_size,
+    )  # fmt: skip

@@ -24,11 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench import MODELS
-
 from packvit_native import PackedVisionEncoder
 from packvit_native.attention import available_backends
-from weights_convert.convert import family_for
+from weights_convert.presets import PRESETS as MODELS
 
 
 def mixed_images(patch: int) -> list[torch.Tensor]:
@@ -70,7 +68,7 @@ def main() -> None:
     failures = 0
     for key in args.models.split(","):
         spec = MODELS[key]
-        config = family_for(spec.hf_config["model_type"]).config_from_hf(spec.hf_config, None)
+        config = spec.config()
         torch.manual_seed(0)
         model32 = PackedVisionEncoder(config, device="cuda").float()
         model16 = copy.deepcopy(model32).to(torch.bfloat16)
@@ -88,7 +86,7 @@ def main() -> None:
             err_grad = max(compare(grads[n], ref_grads[n]) for n in ref_grads)
             ok = err_out <= 1.5 * floor_out + 1e-3 and err_grad <= 1.5 * floor_grad + 1e-3
             failures += not ok
-            print(json.dumps({"model": spec.name, "backend": backend, "patches": patches.shape[0],
+            print(json.dumps({"model": spec.title, "backend": backend, "patches": patches.shape[0],
                               "out_rel_err": round(err_out, 5), "bf16_sdpa_out_rel_err": round(floor_out, 5),
                               "worst_grad_rel_err": round(err_grad, 5), "bf16_sdpa_grad_rel_err": round(floor_grad, 5),
                               "no_host_sync": True, "ok": ok}), flush=True)  # fmt: skip

@@ -8,15 +8,13 @@ Each of our tensors is reported under the transformers names it was built from.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 import packvit_native as pv
-from weights_convert.convert import family_for
+from weights_convert.convert import family_named
 
 REL_TOL = 1e-4
 
@@ -33,43 +31,58 @@ def output_weights(model: pv.PackedVisionEncoder, images: list[Tensor], seed: in
     }
     if out.pooler_output is not None:
         weights["pooler_output"] = torch.randn(out.pooler_output.shape, generator=g)
+    for j, feature in enumerate(out.deepstack_features or ()):
+        weights[f"deepstack.{j}"] = torch.randn(feature.shape, generator=g)
     return weights
+
+
+def _output(out, name: str) -> Tensor:
+    if name.startswith("deepstack."):
+        return out.deepstack_features[int(name.split(".")[1])]
+    return getattr(out, name)
 
 
 def packed_loss(model: pv.PackedVisionEncoder, images: list[Tensor], weights: dict[str, Tensor]) -> Tensor:
     patches, grid = model.patchify(images)
     out = model(patches, grid, return_dict=True)
-    return sum((w * getattr(out, name)).sum() for name, w in weights.items())
+    return sum((w * _output(out, name)).sum() for name, w in weights.items())
 
 
-def reference_loss(hf_model: Any, images: list[Tensor], weights: dict[str, Tensor]) -> Tensor:
-    """The same loss from transformers run frame by frame, each frame's slice of the weights."""
-    fam = family_for(hf_model.config.model_type)
-    total, start, seg = 0.0, 0, 0
-    for image in images:
-        for frame in image if image.ndim == 4 else image[None]:
-            ref = fam.reference_forward(hf_model, frame)
-            n = ref["last_hidden_state"].shape[0]
-            total = total + (weights["last_hidden_state"][start : start + n] * ref["last_hidden_state"]).sum()
-            if weights["prefix_tokens"].numel():
-                total = total + (weights["prefix_tokens"][seg] * ref["prefix_tokens"]).sum()
-            if "pooler_output" in weights:
-                total = total + (weights["pooler_output"][seg] * ref["pooler_output"]).sum()
-            start, seg = start + n, seg + 1
+def reference_loss(
+    model: pv.PackedVisionEncoder, hf_model: Any, images: list[Tensor], weights: dict[str, Tensor]
+) -> Tensor:
+    """The same loss from transformers run image by image, each image's slice of the weights."""
+    c = model.config
+    fam = family_named(c.family)
+    grids = model.patchify(images)[1].tolist()
+    total, start, seg, merged = 0.0, 0, 0, 0
+    for image, (t, h, w) in zip(images, grids, strict=True):
+        ref = fam.reference_forward(hf_model, image)
+        n = t * h * w
+        m = n // c.merge_size**2
+        total = total + (weights["last_hidden_state"][start : start + n] * ref["last_hidden_state"]).sum()
+        if weights["prefix_tokens"].numel():
+            total = total + (weights["prefix_tokens"][seg : seg + t] * ref["prefix_tokens"]).sum()
+        if "pooler_output" in weights:
+            rows = slice(merged, merged + m) if c.head == "merger" else slice(seg, seg + t)
+            total = total + (weights["pooler_output"][rows] * ref["pooler_output"]).sum()
+        for j, feature in enumerate(ref.get("deepstack_features") or ()):
+            total = total + (weights[f"deepstack.{j}"][merged : merged + m] * feature).sum()
+        start, seg, merged = start + n, seg + t, merged + m
     return total
 
 
 def gradient_errors(
-    model: pv.PackedVisionEncoder, hf_model: Any, hf_dir: Path, images: list[Tensor]
+    model: pv.PackedVisionEncoder, hf_model: Any, images: list[Tensor]
 ) -> dict[str, tuple[str, float]]:
     """Relative gradient error per parameter of ours: ``max |ours - ref| / max |ref|``, with its sources."""
-    fam = family_for(hf_model.config.model_type)
-    hf_cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    fam = family_named(model.config.family)
+    hf_cfg = hf_model.config.to_dict()  # the reference tower's own config: its parameter names have no prefix
     weights = output_weights(model, images)
     model.zero_grad()
     hf_model.zero_grad()
     packed_loss(model, images, weights).backward()
-    reference_loss(hf_model, images, weights).backward()
+    reference_loss(model, hf_model, images, weights).backward()
     hf_grads = {
         name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
         for name, p in hf_model.named_parameters()

@@ -73,7 +73,7 @@ def test_unsupported_and_broken_sources(tiny_reference, tmp_path):
     shutil.copy(src / "config.json", tmp_path / "noweights")
     with pytest.raises(ConversionError, match="has no weights"):
         convert_checkpoint(tmp_path / "noweights")
-    with pytest.raises(ConversionError, match="no such directory"):
+    with pytest.raises(pv.CheckpointError, match="no such directory"):
         convert_checkpoint(tmp_path / "missing")
     cfg = json.loads((src / "config.json").read_text())
     (tmp_path / "badcfg").mkdir()
@@ -151,5 +151,8 @@ def test_hub_id_loads_offline_from_the_cache(tiny_reference, tmp_path):
     run = subprocess.run(
         [*cli, "someorg/absent", "out2"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
-    assert run.returncode == 2 and "could not fetch 'someorg/absent'" in run.stderr
+    assert (
+        run.returncode == 2
+        and "someorg/absent is not a local directory, and fetching it from the hub failed" in run.stderr
+    )
     assert not (tmp_path / "out2").exists()

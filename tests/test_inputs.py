@@ -25,7 +25,7 @@ def _call(model, patches, grid):
     ("patches", "grid", "match"),
     [
         (torch.randn(10, 48), [[1, 2, 2]], "describes 4 patches"),
-        (torch.randn(4, 47), [[1, 2, 2]], r"C\*p\*p = 3\*4\*4 = 48"),
+        (torch.randn(4, 47), [[1, 2, 2]], r"C\*T\*p\*p = 3\*1\*4\*4 = 48"),
         (torch.randn(4, 48), [[1, 0, 4]], "must all be >= 1"),
         (torch.randn(4, 48), [[1, -2, -2]], "must all be >= 1"),
         (torch.randn(4, 48), torch.tensor([[1.0, 2.0, 2.0]]), "must hold integers"),
@@ -77,7 +77,7 @@ def test_patchify_rejects_bad_images():
     with pytest.raises(ValueError, match="no images"):
         pv.patchify([], 4)
     with pytest.raises(ValueError, match="layout"):
-        pv.patchify([torch.randn(3, 8, 8)], 4, layout="hwc")
+        pv.patchify([torch.randn(3, 8, 8)], 4, layout="pch")
 
 
 def test_config_rejects_inconsistencies_and_unknown_fields(tmp_path):

@@ -88,7 +88,11 @@ def test_dinov3_features_in_merge_order_are_a_permutation(tiny_reference):
 
 @pytest.mark.parametrize(
     "positions",
-    [{"positions": "sincos2d"}, {"positions": "learned", "pos_grid": (3, 3), "pos_resize": "bicubic"}],
+    [
+        {"pos_embed": "sincos2d"},
+        {"pos_embed": "learned", "pos_grid": (3, 3), "pos_resize": "bicubic"},
+        {"pos_embed": "learned", "pos_grid": (3, 3), "pos_resize": "bilinear_corners", "rope": "index"},
+    ],
 )
 def test_additive_positions_follow_merge_order(positions):
     config = pv.EncoderConfig(

@@ -12,7 +12,7 @@ from weights_convert.check import mixed_batch
 def setup(tiny_reference):
     src = tiny_reference("dinov3", "gelu")
     model = pv.from_pretrained(src, attn_backend="sdpa")
-    patches, grid = model.patchify(mixed_batch(model.config.patch_size))
+    patches, grid = model.patchify(mixed_batch(model.config))
     with torch.no_grad():
         full = model(patches, grid, return_dict=True, output_hidden_states=True, return_prefix=True)
     return src, model, patches, grid, full
@@ -37,12 +37,12 @@ def test_output_layers_pick_hidden_states(setup):
 def test_output_layers_match_transformers_hidden_states(setup):
     """What LLaVA-style code takes: transformers' hidden_states[-2], patch tokens only, image by image."""
     src, model, patches, grid, full = setup
-    hf = load_reference(src, "DINOv3ViTModel")
-    images = mixed_batch(model.config.patch_size)
+    hf = load_reference(src)
+    images = mixed_batch(model.config)
     k = model.config.num_prefix
     with torch.no_grad():
         ours = model(patches, grid, output_layers=-2, return_prefix=True)
-        seqs = ours.split(list(full.packing.tokens.lengths))
+        seqs = ours.split(list(full.packing.frames.lengths))
         frames = [f for im in images for f in (im if im.ndim == 4 else im[None])]
         for frame, seq in zip(frames, seqs, strict=True):
             ref = hf(pixel_values=frame[None], output_hidden_states=True).hidden_states[-2][0]
@@ -63,7 +63,7 @@ def test_return_prefix_and_final_norm(setup):
         raw = model(patches, grid, apply_final_norm=False)
         raw_dict = model(patches, grid, apply_final_norm=False, return_dict=True)
         normed_layers = model(patches, grid, output_layers=(-2, -1), apply_final_norm=True)
-    assert with_prefix.shape[0] == packing.tokens.total
+    assert with_prefix.shape[0] == packing.frames.total
     assert torch.equal(with_prefix, full.last_hidden_state)
     assert torch.equal(packing.patch_tokens(with_prefix), plain)
     assert torch.equal(packing.prefix_tokens(with_prefix), full.prefix_tokens)

@@ -10,11 +10,11 @@ from packvit_native.packing import Packing
 def test_packing_segments_and_prefix_rows():
     packing = Packing.from_grid(torch.tensor([[1, 2, 3], [2, 1, 1], [1, 3, 1]]), num_prefix=2)
     assert packing.frame_sizes == ((2, 3), (1, 1), (1, 1), (3, 1))
-    assert packing.patches.lengths == (6, 1, 1, 3)
-    assert packing.tokens.lengths == (8, 3, 3, 5)
-    assert packing.tokens.cu_seqlens.dtype == torch.int32
-    assert packing.tokens.cu_seqlens.tolist() == [0, 8, 11, 14, 19]
-    assert isinstance(packing.tokens.max_seqlen, int) and packing.tokens.max_seqlen == 8
+    assert packing.frame_patches.lengths == (6, 1, 1, 3)
+    assert packing.frames.lengths == (8, 3, 3, 5)
+    assert packing.frames.cu_seqlens.dtype == torch.int32
+    assert packing.frames.cu_seqlens.tolist() == [0, 8, 11, 14, 19]
+    assert isinstance(packing.frames.max_seqlen, int) and packing.frames.max_seqlen == 8
     assert packing.prefix_rows.tolist() == [0, 1, 8, 9, 11, 12, 14, 15]
     assert packing.patch_rows.tolist() == [2, 3, 4, 5, 6, 7, 10, 13, 16, 17, 18]
     row, col, h, w = packing.patch_coords.T.tolist()
@@ -26,7 +26,7 @@ def test_packing_segments_and_prefix_rows():
 def test_insert_and_remove_prefix_round_trip():
     packing = Packing.from_grid([[1, 2, 2], [1, 1, 3]], num_prefix=3)
     patches, prefix = torch.randn(7, 5), torch.randn(3, 5)
-    tokens = packing.insert_prefix(patches, prefix)
+    tokens = packing.to_blocks(patches, prefix)
     assert tokens.shape == (7 + 2 * 3, 5)
     assert torch.equal(packing.patch_tokens(tokens), patches)
     assert torch.equal(packing.prefix_tokens(tokens), prefix.expand(2, 3, 5))
@@ -35,7 +35,7 @@ def test_insert_and_remove_prefix_round_trip():
 def test_no_prefix_is_identity():
     packing = Packing.from_grid([[1, 2, 2]], num_prefix=0)
     x = torch.randn(4, 3)
-    assert packing.insert_prefix(x, None) is x and packing.patch_tokens(x) is x
+    assert packing.to_blocks(x, None) is x and packing.patch_tokens(x) is x and packing.to_sequence(x) is x
     assert packing.prefix_tokens(x).shape == (1, 0, 3)
 
 
@@ -57,7 +57,7 @@ def test_patchify_layouts_and_round_trip():
 def test_ppc_loading_permutes_the_patch_weight_once(tiny_reference):
     src = tiny_reference("dinov3", "gelu")
     cpp, ppc = pv.from_pretrained(src), pv.from_pretrained(src, patch_layout="ppc")
-    assert ppc.config.patch_layout == "ppc"
+    assert ppc.config.patch_layout == "hwc"
     images = [torch.randn(3, 12, 8), torch.randn(3, 4, 4)]
     with torch.no_grad():
         a = cpp(*cpp.patchify(images))

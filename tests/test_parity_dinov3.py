@@ -18,7 +18,7 @@ def test_dinov3_parity_through_cli(tiny_reference, tmp_path, variant):
     model = pv.from_pretrained(tmp_path / "out", attn_backend="sdpa")
     assert model.config.mlp == ("swiglu" if variant == "swiglu" else "mlp")
     assert model.config.num_prefix == 3
-    assert_packed_parity(model, load_reference(src, "DINOv3ViTModel"), expect=OUTPUTS)
+    assert_packed_parity(model, load_reference(src), expect=OUTPUTS)
 
 
 def test_dinov3_direct_from_transformers_dir_matches_converted(tiny_reference, tmp_path):

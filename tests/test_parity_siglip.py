@@ -50,7 +50,7 @@ def _compare_padded(model, hf_model, inputs, patches, grid_thw):
         ours = model(patches, grid_thw, return_dict=True, output_hidden_states=True)
         ref = hf_model(**inputs, output_hidden_states=True)
     lengths = inputs["pixel_attention_mask"].sum(1).tolist()
-    assert lengths == list(ours.packing.patches.lengths)
+    assert lengths == list(ours.packing.frame_patches.lengths)
     assert min(lengths) < inputs["pixel_values"].shape[1], "the batch must hold padding"
     start = 0
     for i, n in enumerate(lengths):
@@ -87,11 +87,11 @@ def test_siglip2_mixed_batch_against_padded_batch(tiny_reference):
     """The mixed sizes (a 1x1 grid, a 2-frame clip) packed, vs one padded and masked transformers batch."""
     src = tiny_reference("siglip2", "default")
     model = pv.from_pretrained(src, attn_backend="sdpa", patch_layout="ppc")
-    images = mixed_batch(4)
+    images = mixed_batch(model.config)
     frames = [f for im in images for f in (im if im.ndim == 4 else im[None])]
     inputs = processor_inputs(frames, 4, max_patches=max(f.shape[1] * f.shape[2] for f in frames) // 16 + 5)
     patches, grid_thw = model.patchify(images)
-    assert model.config.patch_layout == "ppc" and (grid_thw[:, 0] == 2).any()
+    assert model.config.patch_layout == "hwc" and (grid_thw[:, 0] == 2).any()
     _compare_padded(model, load_reference(src), inputs, patches, grid_thw)
 
 
@@ -99,8 +99,8 @@ def test_siglip2_patch_layouts_agree(tiny_reference):
     src = tiny_reference("siglip2", "default")
     cpp = pv.from_pretrained(src, attn_backend="sdpa")
     ppc = pv.from_pretrained(src, attn_backend="sdpa", patch_layout="ppc")
-    assert cpp.config.patch_layout == "cpp"
-    images = mixed_batch(4)
+    assert cpp.config.patch_layout == "chw" and ppc.config.patch_layout == "hwc"
+    images = mixed_batch(cpp.config)
     with torch.no_grad():
         a = cpp(*cpp.patchify(images))
         b = ppc(*ppc.patchify(images))

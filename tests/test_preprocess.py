@@ -31,8 +31,8 @@ def _config(**changes) -> pv.EncoderConfig:
 
 def _siglip2_config(**changes) -> pv.EncoderConfig:
     return _config(
-        family="siglip2", positions="learned", pos_grid=(4, 4), pos_resize="bilinear_antialias",
-        patch_layout="ppc", image_mean=(0.5,) * 3, image_std=(0.5,) * 3, **changes,
+        family="siglip2", pos_embed="learned", pos_grid=(4, 4), pos_resize="bilinear_antialias",
+        patch_layout="hwc", image_mean=(0.5,) * 3, image_std=(0.5,) * 3, resize_max_patches=256, **changes,
     )  # fmt: skip
 
 
@@ -76,12 +76,20 @@ def test_qwen2vl_smart_resize_and_merge_order_match_transformers_processor():
     images = _images()
     lo, hi = 56 * 56, 28 * 28 * 64
     ref = Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi)(images, return_tensors="pt")
-    config = _config(patch_size=14, merge_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD)
-    patches, grid = pv.preprocess(images, config, min_pixels=lo, max_pixels=hi, resample="bicubic")
+    config = _config(
+        patch_size=14, merge_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD, resample="bicubic"
+    )
+    patches, grid = pv.preprocess(images, config, min_pixels=lo, max_pixels=hi)
     assert grid.tolist() == ref["image_grid_thw"].tolist()
-    # Qwen repeats each still image over 2 temporal slots, (c, t, y, x) inside a patch: take slot 0.
+    # A 2D model takes one temporal slot of Qwen's patches, (c, t, y, x) inside a patch: slot 0.
     expected = ref["pixel_values"].reshape(-1, 3, 2, 14, 14)[:, :, 0].reshape(-1, 3 * 14 * 14)
     assert torch.equal(patches, expected)
+    # The Qwen-VL towers' own config (temporal patches of 2, the processor's pixel budget) takes its output
+    # unchanged: each still image repeated over both temporal slots.
+    qwen = config.replace(temporal_patch_size=2, resize_min_pixels=lo, resize_max_pixels=hi)
+    patches, grid = pv.preprocess(images, qwen)
+    assert grid.tolist() == ref["image_grid_thw"].tolist()
+    assert torch.equal(patches, ref["pixel_values"])
 
 
 def test_tensor_inputs_agree_with_pil():
@@ -125,7 +133,7 @@ def test_paths_grayscale_and_model_argument(tmp_path, tiny_reference):
 
 
 def test_default_rules_per_position_kind():
-    fixed = _config(positions="learned", pos_grid=(3, 5), family="siglip")
+    fixed = _config(pos_embed="learned", pos_grid=(3, 5), family="siglip")
     assert target_size(480, 640, fixed) == (48, 80)
     assert default_resize(_config()) == {"min_pixels": 16 * 16 * 16, "max_pixels": 1024 * 16 * 16}
     assert target_size(64, 96, _config()) == (64, 96)  # within budget: native size

@@ -31,7 +31,7 @@ def _grads(model, images, weights):
 @pytest.mark.parametrize("variant", ["gelu", "swiglu"])
 def test_bf16_gradients_match_reference(tiny_reference, backend, variant):
     model = pv.from_pretrained(tiny_reference("dinov3", variant), device="cuda", dtype=torch.bfloat16)
-    images = [im.cuda().bfloat16() for im in mixed_batch(model.config.patch_size)]
+    images = [im.cuda().bfloat16() for im in mixed_batch(model.config)]
     weights = {k: v.cuda() for k, v in output_weights(model, images).items()}
     model.attn_backend = "sdpa"
     ref = _grads(model, images, weights)
@@ -48,7 +48,7 @@ def test_compiled_blocks_on_gpu(tiny_reference, backend):
         tiny_reference("dinov3", "gelu"), device="cuda", dtype=torch.bfloat16, attn_backend=backend
     )
     compiled = copy.deepcopy(model).compile_blocks(fullgraph=True)
-    for images in (mixed_batch(4)[:3], mixed_batch(4, seed=1)):
+    for images in (mixed_batch(model.config)[:3], mixed_batch(model.config, seed=1)):
         patches, grid = model.patchify([im.cuda().bfloat16() for im in images])
         a = model(patches, grid)
         b = compiled(patches, grid)

@@ -8,24 +8,26 @@ from tests.grad_parity import REL_TOL, gradient_errors
 from tests.parity import load_reference
 from weights_convert.check import mixed_batch
 
-# (family, variant, transformers class). Further families join by adding a row.
+# (family, variant). Further families join by adding a row.
 CASES = [
-    ("dinov3", "gelu", "DINOv3ViTModel"),
-    ("dinov3", "swiglu", "DINOv3ViTModel"),
-    ("aimv2", "native", "Aimv2VisionModel"),
-    ("aimv2", "head", "Aimv2VisionModel"),
-    ("siglip", "default", "SiglipVisionModel"),
-    ("siglip2", "default", "Siglip2VisionModel"),
+    ("dinov3", "gelu"),
+    ("dinov3", "swiglu"),
+    ("aimv2", "native"),
+    ("aimv2", "head"),
+    ("siglip", "default"),
+    ("siglip2", "default"),
+    ("qwen2_5_vl", "vlm"),
+    ("qwen3_vl", "vlm"),
 ]
 
 
-@pytest.mark.parametrize(("family", "variant", "hf_class"), CASES)
-def test_parameter_gradients_match_transformers(tiny_reference, family, variant, hf_class):
+@pytest.mark.parametrize(("family", "variant"), CASES)
+def test_parameter_gradients_match_transformers(tiny_reference, family, variant):
     src = tiny_reference(family, variant)
     model = pv.from_pretrained(src, attn_backend="sdpa", dtype=torch.float32)
-    hf_model = load_reference(src, hf_class).float()
-    images = mixed_batch(model.config.patch_size, model.config.num_channels)
-    errors = gradient_errors(model, hf_model, src, images)
+    hf_model = load_reference(src)
+    images = mixed_batch(model.config)
+    errors = gradient_errors(model, hf_model, images)
     assert set(errors) == {n for n, _ in model.named_parameters()}
     worst = max(errors, key=lambda n: errors[n][1])
     for name, (sources, err) in errors.items():
@@ -36,7 +38,7 @@ def test_missing_key_bias_gets_no_gradient(tiny_reference):
     """DINOv3 has no key bias: its zero slice in the fused bias stays out of training, q and v biases train."""
     model = pv.from_pretrained(tiny_reference("dinov3", "gelu"), attn_backend="sdpa").train()
     assert not model.config.key_bias
-    patches, grid = model.patchify(mixed_batch(model.config.patch_size)[:3])
+    patches, grid = model.patchify(mixed_batch(model.config)[:3])
     model(patches, grid).square().sum().backward()
     d = model.config.hidden_size
     for block in model.blocks:

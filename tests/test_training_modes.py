@@ -21,7 +21,7 @@ AUGMENT = {"pos_embed_shift": 0.2, "pos_embed_jitter": 1.3, "pos_embed_rescale":
 def _pair(src, **overrides):
     """Ours and transformers' model from one checkpoint, with config fields overridden in both."""
     cfg = {**json.loads((src / "config.json").read_text()), **overrides}
-    config, state, _ = convert_loaded(cfg, None, load_state_dict(src))
+    config, state, _ = convert_loaded(cfg, None, load_state_dict(src)[0])
     ours = build_model(config, state, attn_backend="sdpa")
     hf = transformers.DINOv3ViTModel.from_pretrained(src, attn_implementation="sdpa", **overrides)
     return ours, hf
@@ -88,7 +88,7 @@ def test_packed_rope_augmentation_matches_transformers_per_image(tiny_reference,
     """Every segment gets its own shift, jitter and rescale; each equals transformers given that image's draws."""
     ours, hf = _pair(tiny_reference("dinov3", "gelu"), **AUGMENT)
     ours.train(), hf.train()
-    images = mixed_batch(ours.config.patch_size)
+    images = mixed_batch(ours.config)
     frames = [f for im in images for f in (im if im.ndim == 4 else im[None])]
     s = len(frames)
     g = torch.Generator().manual_seed(3)
@@ -115,16 +115,20 @@ def test_packed_rope_augmentation_matches_transformers_per_image(tiny_reference,
 def test_augmentation_is_off_in_eval_and_seeded_in_train(tiny_reference):
     ours, _ = _pair(tiny_reference("dinov3", "gelu"), **AUGMENT)
     packing = Packing.from_grid([(1, 3, 5), (2, 4, 4)], ours.config.num_prefix)
-    rope = ours.positions
-    rope.eval()
+    positions = ours.positions
+
+    def rope() -> tuple[torch.Tensor, torch.Tensor]:
+        return positions(packing, torch.float32).rotary
+
+    positions.eval()
     torch.manual_seed(0)
-    plain = rope(packing, torch.float32)
-    assert all(torch.equal(x, y) for x, y in zip(plain, rope(packing, torch.float32), strict=True))
-    rope.train()
+    plain = rope()
+    assert all(torch.equal(x, y) for x, y in zip(plain, rope(), strict=True))
+    positions.train()
     torch.manual_seed(5)
-    a = rope(packing, torch.float32)
+    a = rope()
     torch.manual_seed(5)
-    b = rope(packing, torch.float32)
+    b = rope()
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.allclose(a[1], plain[1])
 
@@ -132,13 +136,13 @@ def test_augmentation_is_off_in_eval_and_seeded_in_train(tiny_reference):
 def test_drop_path_drops_whole_segments():
     lengths = tuple(range(1, 41))
     packing = Packing.from_grid([(1, 1, n) for n in lengths], num_prefix=1)
-    ctx = BlockContext(packing.tokens, "sdpa", None, packing.token_segment())
-    x = torch.ones(packing.tokens.total, 8)
+    ctx = BlockContext({"frames": packing.frames}, "sdpa", None, packing.token_segment())
+    x = torch.ones(packing.frames.total, 8)
     drop = DropPath(0.5).train()
     torch.manual_seed(0)
     y = drop(x, ctx)
     kept = []
-    for seg in y.split(packing.tokens.lengths):
+    for seg in y.split(packing.frames.lengths):
         assert torch.all(seg == 0) or torch.all(seg == 2.0), "a segment was partly dropped"
         kept.append(bool(seg[0, 0]))
     assert 0 < sum(kept) < len(kept)

@@ -2,9 +2,10 @@
 
 With no argument it runs on an embedded default: a small model of ``--family`` (DINOv3 unless told) and
 ``--variant``, built deterministically from a transformers config (no network, no GPU). Given a hub id or a
-transformers directory it checks that checkpoint instead (a two-tower checkpoint against its vision tower).
-Every image of the packed batch is compared with transformers run on that image alone, in fp32 on the CPU; a
-fixed-size AIMv2 (learned table, no interpolation in transformers) is checked on images of its trained size.
+transformers directory it checks that checkpoint instead (a two-tower or vision-language checkpoint against
+its vision tower). Every image of the packed batch is compared with transformers run on that image alone, in
+fp32 on the CPU; a fixed-size model (learned table, no interpolation in transformers) is checked on images of
+its trained size.
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ import torch
 from torch import Tensor
 
 import packvit_native as pv
+from packvit_native.io import save_native
 
-from .convert import FAMILIES, convert_checkpoint, describe_dropped, family_for, family_named
+from .convert import FAMILIES, convert_checkpoint, describe_dropped, family_named
 from .errors import ConversionError
-from .families import aimv2
 from .sources import read_checkpoint
 
 __all__ = ["compare_with_reference", "load_reference", "mixed_batch", "parity_images", "save_tiny_reference"]
+
+# (frames, rows, cols) in units of merge blocks: square, non-square both ways, a single block, a 2-frame clip,
+# a large one. Frames count temporal patches.
+MIXED_GRIDS = ((1, 8, 8), (1, 5, 11), (1, 1, 1), (2, 6, 4), (1, 13, 3), (1, 12, 16))
 
 
 def save_tiny_reference(family: str, variant: str, out_dir: Path, seed: int = 0) -> Path:
@@ -40,9 +45,14 @@ def save_tiny_reference(family: str, variant: str, out_dir: Path, seed: int = 0)
     fam = family_named(family)
     hf_cfg = fam.tiny_hf_config(variant)
     config_cls = transformers.AutoConfig.for_model(hf_cfg["model_type"]).__class__
-    cfg = config_cls(**{k: v for k, v in hf_cfg.items() if k != "model_type"})
+    cfg = config_cls(**{k: v for k, v in hf_cfg.items() if k not in ("model_type", "architectures")})
     torch.manual_seed(seed)
-    model = transformers.AutoModel.from_config(cfg)
+    architectures = hf_cfg.get("architectures")
+    model = (
+        transformers_class(architectures[0])._from_config(cfg)
+        if architectures
+        else (transformers.AutoModel.from_config(cfg))
+    )
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim == 1:
@@ -53,14 +63,26 @@ def save_tiny_reference(family: str, variant: str, out_dir: Path, seed: int = 0)
     return out_dir
 
 
-def mixed_batch(patch_size: int, channels: int = 3, seed: int = 0) -> list[Tensor]:
-    """Images that exercise packing: square, non-square both ways, a 1x1 grid, a 2-frame clip, a large one."""
+def transformers_class(name: str) -> Any:
+    """A transformers class by its exported name, or by ``module.ClassName`` under ``transformers.models``."""
+    import importlib
+
+    import transformers
+
+    if "." not in name:
+        return getattr(transformers, name)
+    module, cls = name.rsplit(".", 1)
+    return getattr(importlib.import_module(f"transformers.models.{module}"), cls)
+
+
+def mixed_batch(config: pv.EncoderConfig, seed: int = 0) -> list[Tensor]:
+    """Images that exercise packing (see :data:`MIXED_GRIDS`), sized for ``config``'s patch, merge block and
+    temporal patch: a 1x1 grid of merge blocks, non-square sides, a clip of two temporal patches."""
     g = torch.Generator().manual_seed(seed)
-    p = patch_size
-    shapes = [(1, 8, 8), (1, 5, 11), (1, 1, 1), (2, 6, 4), (1, 13, 3), (1, 12, 16)]
+    side = config.patch_size * config.merge_size
     images = []
-    for t, h, w in shapes:
-        x = torch.randn(t, channels, h * p, w * p, generator=g)
+    for t, h, w in MIXED_GRIDS:
+        x = torch.randn(t * config.temporal_patch_size, config.num_channels, h * side, w * side, generator=g)
         images.append(x if t > 1 else x[0])
     return images
 
@@ -68,41 +90,13 @@ def mixed_batch(patch_size: int, channels: int = 3, seed: int = 0) -> list[Tenso
 def parity_images(config: pv.EncoderConfig, seed: int = 0) -> list[Tensor]:
     """The batch to check a model with: :func:`mixed_batch`, or, for a learned table that accepts only its
     trained size (AIMv2 at fixed resolution, as transformers runs it), images and a clip of that size."""
-    if config.positions == "learned" and config.pos_resize == "none":
+    if config.fixed_size is not None:
         g = torch.Generator().manual_seed(seed)
-        h, w = (n * config.patch_size for n in config.pos_grid)
+        h, w = (n * config.patch_size for n in config.fixed_size)
         c = config.num_channels
         return [torch.randn(c, h, w, generator=g), torch.randn(2, c, h, w, generator=g),
                 torch.randn(c, h, w, generator=g)]  # fmt: skip
-    return mixed_batch(config.patch_size, config.num_channels, seed)
-
-
-def compare_with_reference(
-    model: pv.PackedVisionEncoder, hf_model: Any, images: list[Tensor]
-) -> list[dict[str, float]]:
-    """Max abs difference per image (per frame) of every output, ours packed vs transformers one by one."""
-    fam = family_for(hf_model.config.model_type)
-    patches, grid_thw = model.patchify(images)
-    with torch.no_grad():
-        ours = model(patches, grid_thw, return_dict=True, output_hidden_states=True)
-        rows, start, seg = [], 0, 0
-        for image in images:
-            for frame in image if image.ndim == 4 else image[None]:
-                ref = fam.reference_forward(hf_model, frame)
-                n = ref["last_hidden_state"].shape[0]
-                sl = slice(start, start + n)
-                row = {
-                    "size": f"{frame.shape[1] // model.config.patch_size}x{frame.shape[2] // model.config.patch_size}",
-                    "last_hidden_state": _diff(ours.last_hidden_state[sl], ref["last_hidden_state"]),
-                    "hidden_states": max(_diff(a[sl], b) for a, b in zip(ours.hidden_states, ref["hidden_states"], strict=True)),
-                }  # fmt: skip
-                if ref.get("prefix_tokens") is not None:
-                    row["prefix_tokens"] = _diff(ours.prefix_tokens[seg], ref["prefix_tokens"])
-                if ref.get("pooler_output") is not None:
-                    row["pooler_output"] = _diff(ours.pooler_output[seg], ref["pooler_output"])
-                rows.append(row)
-                start, seg = start + n, seg + 1
-    return rows
+    return mixed_batch(config, seed)
 
 
 def _diff(a: Tensor, b: Tensor) -> float:
@@ -111,26 +105,51 @@ def _diff(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def load_reference(path: Path) -> Any:
-    """transformers' vision model of a checkpoint directory, in fp32 eval mode with SDPA attention."""
-    import transformers
+def compare_with_reference(
+    model: pv.PackedVisionEncoder, hf_model: Any, images: list[Tensor]
+) -> list[dict[str, Any]]:
+    """Max abs difference per image of every output, ours packed vs transformers one image at a time."""
+    fam = family_named(model.config.family)
+    config = model.config
+    patches, grid = model.patchify(images)
+    merged_rows = config.head == "merger"
+    with torch.no_grad():
+        ours = model(patches, grid, return_dict=True, output_hidden_states=True)
+        rows = []
+        start = seg = merged = 0
+        for image, (t, h, w) in zip(images, grid.tolist(), strict=True):
+            ref = fam.reference_forward(hf_model, image)
+            n = t * h * w
+            m = n // config.merge_size**2
+            tokens = slice(start, start + n)
+            row: dict[str, Any] = {
+                "grid": f"{t}x{h}x{w}",
+                "last_hidden_state": _diff(ours.last_hidden_state[tokens], ref["last_hidden_state"]),
+                "hidden_states": max(
+                    _diff(a[tokens], b) for a, b in zip(ours.hidden_states, ref["hidden_states"], strict=True)
+                ),
+            }
+            if ref.get("prefix_tokens") is not None:
+                row["prefix_tokens"] = _diff(ours.prefix_tokens[seg : seg + t], ref["prefix_tokens"])
+            pooled = slice(merged, merged + m) if merged_rows else slice(seg, seg + t)
+            if ref.get("pooler_output") is not None:
+                row["pooler_output"] = _diff(ours.pooler_output[pooled], ref["pooler_output"])
+            if ref.get("deepstack_features"):
+                row["deepstack_features"] = max(
+                    _diff(a[merged : merged + m], b)
+                    for a, b in zip(ours.deepstack_features, ref["deepstack_features"], strict=True)
+                )
+            rows.append(row)
+            start, seg, merged = start + n, seg + t, merged + m
+    return rows
+
+
+def load_reference(path: str | Path) -> Any:
+    """transformers' vision model of a checkpoint (directory or hub id), fp32, eval mode, SDPA attention."""
+    from .convert import family_for
 
     ckpt = read_checkpoint(path)
-    if aimv2.is_apple(ckpt.config):
-        raise ConversionError(
-            "this is Apple's original AIMv2 layout, which transformers cannot load as is, so there is no "
-            "reference to compare with; packvit-convert converts it (its mapping is tested against a "
-            "transformers checkpoint re-keyed to Apple's names)"
-        )
-    if "vision_config" in ckpt.config:
-        # A two-tower checkpoint: load the whole model and keep its vision tower (transformers' vision-only
-        # AIMv2 class would silently load nothing from it).
-        full = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa")
-        return full.vision_model.eval().float()
-    fam = family_for(ckpt.config.get("model_type"))
-    return (
-        getattr(transformers, fam.HF_CLASS).from_pretrained(path, attn_implementation="sdpa").eval().float()
-    )
+    return family_for(ckpt.config.get("model_type")).load_reference(ckpt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,9 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"{args.family} has no variant {variant!r}; choose from {families[args.family].VARIANTS}"
         )
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        print(
+            "packvit-check: error: the comparison needs transformers; install it with "
+            "pip install 'packvit-native[test]' (or pip install transformers==5.17.0)",
+            file=sys.stderr,
+        )
+        return 2
 
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
         try:
             if args.src is None:
@@ -167,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             config, state, dropped = convert_checkpoint(src, dtype=torch.float32)
             if dropped:
                 print(describe_dropped(dropped))
-            out = pv.io.save_native(Path(tmp) / "converted", config, state)
+            out = save_native(Path(tmp) / "converted", config, state)
             hf_model = load_reference(src)
         except ConversionError as e:
             print(f"packvit-check: error: {e}", file=sys.stderr)
@@ -175,13 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         model = pv.from_pretrained(out, attn_backend="sdpa", dtype=torch.float32)
         images = parity_images(config)
         rows = compare_with_reference(model, hf_model, images)
+    frames = sum(int(r["grid"].split("x")[0]) for r in rows)
     print(
-        f"converted -> packed forward of {len(images)} images ({len(rows)} frames) vs transformers per image, fp32:"
+        f"converted -> packed forward of {len(images)} images ({frames} frames) vs transformers per image, fp32:"
     )
-    keys = [k for k in rows[0] if k != "size"]
-    print(f"  {'grid':>6}  " + "  ".join(f"{k:>17}" for k in keys))
+    keys = [k for k in rows[0] if k != "grid"]
+    print(f"  {'t x h x w':>9}  " + "  ".join(f"{k:>18}" for k in keys))
     for r in rows:
-        print(f"  {r['size']:>6}  " + "  ".join(f"{r[k]:17.2e}" for k in keys))
+        print(f"  {r['grid']:>9}  " + "  ".join(f"{r[k]:18.2e}" for k in keys))
     worst = max(r[k] for r in rows for k in keys)
     ok = worst <= args.atol
     print(f"max abs difference {worst:.2e} {'<=' if ok else '>'} {args.atol:.0e}: {'PASS' if ok else 'FAIL'}")

@@ -5,14 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
+from packvit_native.errors import CheckpointError
 from packvit_native.io import save_native
+from packvit_native.loading import DTYPES
 
 from .convert import convert_checkpoint, describe_dropped
-from .errors import ConversionError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, state, dropped = convert_checkpoint(args.src, dtype=DTYPES.get(args.dtype))
         out = save_native(args.out_dir, config, state, force=args.force)
-    except (ConversionError, FileExistsError) as e:
+    except (CheckpointError, FileExistsError) as e:
         print(f"packvit-convert: error: {e}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in state.values())

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from packvit_native.config import EncoderConfig
 from packvit_native.encoder import PackedVisionEncoder
+from packvit_native.patchify import patch_weight_layout
 
 from .errors import ConversionError
 
@@ -69,12 +70,14 @@ class Converted:
             )
         self.put(into, torch.cat(tensors), sources)
 
-    def conv_to_linear(self, key: str) -> None:
-        """A patch-embedding ``Conv2d`` weight ``[D, C, p, p]`` -> ``Linear`` ``[D, C*p*p]`` (channel-first)."""
+    def conv_to_linear(self, key: str, ndim: int = 4) -> None:
+        """A patch-embedding ``Conv2d`` weight ``[D, C, p, p]`` (``ndim=5``: ``Conv3d`` ``[D, C, T, p, p]``) ->
+        ``Linear`` ``[D, C*p*p]`` (``[D, C*T*p*p]``), channel-first."""
         w, s = self.pop(key)
-        if w.ndim != 4:
+        if w.ndim != ndim:
+            expected = "[D, C, p, p]" if ndim == 4 else "[D, C, T, p, p]"
             raise ConversionError(
-                f"{s[0]}: expected a 4D conv weight [D, C, p, p], got shape {tuple(w.shape)}"
+                f"{s[0]}: expected a {ndim}D conv weight {expected}, got shape {tuple(w.shape)}"
             )
         self.put(key, w.reshape(w.shape[0], -1), s)
 
@@ -95,15 +98,14 @@ class Converted:
             raise ConversionError(f"{s[0]}: expected shape [1, n, D] or [n, D], got {tuple(t.shape)}")
         self.put(key, t.reshape(-1, t.shape[-1]), s)
 
-    def ppc_to_cpp(self, key: str, channels: int, patch: int) -> None:
+    def hwc_to_chw(self, key: str, channels: int, patch: int) -> None:
         """A patch ``Linear`` over (row, col, channel) inputs -> the same map over (channel, row, col)."""
         w, s = self.pop(key)
         if w.ndim != 2 or w.shape[1] != channels * patch * patch:
             raise ConversionError(
                 f"{s[0]}: expected a linear patch weight [D, {patch}*{patch}*{channels}], got {tuple(w.shape)}"
             )
-        w = w.reshape(-1, patch, patch, channels).permute(0, 3, 1, 2)  # [D, C, p, p]
-        self.put(key, w.reshape(w.shape[0], -1), s)
+        self.put(key, patch_weight_layout(w, channels, patch, 1, "hwc", "chw"), s)
 
 
 def rename(state: dict[str, Tensor], table: dict[str, str | None]) -> Converted:

@@ -26,7 +26,18 @@ from packvit_native.config import EncoderConfig
 
 from ..errors import ConversionError
 from ..keymap import DROP, Converted, rename
-from .common import activation, image_stats, require, square, tower_config, tower_state, with_defaults
+from ..sources import Checkpoint
+from .common import (
+    activation,
+    image_stats,
+    load_tower_reference,
+    per_frame,
+    require,
+    square,
+    tower_config,
+    tower_state,
+    with_defaults,
+)
 
 NAME = "aimv2"
 MODEL_TYPES = ("aimv2_vision_model", "aimv2")
@@ -100,11 +111,12 @@ def config_from_hf(
         mlp_bias=mlp_bias,
         patch_bias=True,
         patch_norm=True,
-        positions="sincos2d" if native else "learned",
+        pos_embed="sincos2d" if native else "learned",
         pos_grid=None if native else (side, side),
         pos_resize="none",
         final_norm=True,
         head="attention_pool" if use_head else "none",
+        resample="bicubic",
         **image_stats(preprocessor, CLIP_STATS),
     ).validate()
 
@@ -123,7 +135,7 @@ def _hf_table(config: EncoderConfig) -> dict[str, str | None]:
         "embeddings.position_ids": DROP,  # a non-persistent buffer some exports still carry
         "rms_norm.weight": "norm.weight",
     }
-    if config.positions == "learned":
+    if config.pos_embed == "learned":
         t["embeddings.position_embedding.weight"] = "positions.weight"
     for i in range(config.num_layers):
         s, o = f"encoder.layers.{i}.", f"blocks.{i}."
@@ -148,7 +160,7 @@ def _apple_table(config: EncoderConfig) -> dict[str, str | None]:
         "preprocessor.patchifier.norm.weight": "patch_norm.weight",
         "trunk.post_trunk_norm.weight": "norm.weight",
     }
-    if config.positions == "learned":
+    if config.pos_embed == "learned":
         t["preprocessor.pos_embed"] = "positions.weight"
     for i in range(config.num_layers):
         s, o = f"trunk.blocks.{i}.", f"blocks.{i}."
@@ -171,7 +183,7 @@ def convert_state_dict(state: dict[str, Tensor], cfg: dict[str, Any], config: En
     c = rename(vision, _apple_table(config) if apple else _hf_table(config))
     c.dropped += others
     c.conv_to_linear("patch_embed.weight")
-    if apple and config.positions == "learned":
+    if apple and config.pos_embed == "learned":
         c.as_rows("positions.weight")  # Apple stores [1, N, D]
     for i in range(config.num_layers):
         o = f"blocks.{i}."
@@ -211,7 +223,7 @@ def tiny_hf_config(variant: str = "native") -> dict[str, Any]:
     return {"model_type": "aimv2", "vision_config": vision, "text_config": text, "projection_dim": 32}
 
 
-def reference_forward(model: Any, frame: Tensor) -> dict[str, Any]:
+def _frame_forward(model: Any, frame: Tensor) -> dict[str, Any]:
     """transformers' outputs for one ``[C, H, W]`` frame (AIMv2 has no prefix tokens)."""
     out = model(pixel_values=frame[None], output_hidden_states=True)
     return {
@@ -219,3 +231,16 @@ def reference_forward(model: Any, frame: Tensor) -> dict[str, Any]:
         "pooler_output": out.pooler_output[0] if model.config.use_head else None,
         "hidden_states": [h[0] for h in out.hidden_states],
     }
+
+
+reference_forward = per_frame(_frame_forward)
+
+
+def load_reference(ckpt: Checkpoint) -> Any:
+    if is_apple(ckpt.config):
+        raise ConversionError(
+            "this is Apple's original AIMv2 layout, which transformers cannot load as is, so there is no "
+            "reference to compare with; packvit-convert converts it (its mapping is tested against a "
+            "transformers checkpoint re-keyed to Apple's names)"
+        )
+    return load_tower_reference(ckpt, HF_CLASS)

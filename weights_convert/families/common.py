@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..errors import ConversionError
+from ..sources import Checkpoint
 
 __all__ = [
     "ACTIVATIONS",
     "activation",
     "image_stats",
+    "load_tower_reference",
+    "per_frame",
     "require",
     "square",
     "tower_config",
@@ -103,3 +108,38 @@ def tower_state(
             raise ConversionError(f"{canon} appears both with and without the {prefix!r} prefix")
         out[canon] = value
     return out, []
+
+
+def per_frame(
+    forward_frame: Callable[[Any, Tensor], dict[str, Any]],
+) -> Callable[[Any, Tensor], dict[str, Any]]:
+    """An entry-level ``reference_forward`` from one that runs transformers on a single ``[C, H, W]`` frame,
+    for families whose reference knows only still images: every frame of a clip is run alone (each frame is
+    its own segment), token outputs are concatenated and per-frame outputs stacked."""
+
+    def forward(model: Any, entry: Tensor) -> dict[str, Any]:
+        refs = [forward_frame(model, frame) for frame in (entry if entry.ndim == 4 else entry[None])]
+        out: dict[str, Any] = {
+            "last_hidden_state": torch.cat([r["last_hidden_state"] for r in refs]),
+            "hidden_states": [torch.cat(hs) for hs in zip(*(r["hidden_states"] for r in refs), strict=True)],
+        }
+        for key in ("prefix_tokens", "pooler_output"):
+            if refs[0].get(key) is not None:
+                out[key] = torch.stack([r[key] for r in refs])
+        return out
+
+    return forward
+
+
+def load_tower_reference(ckpt: Checkpoint, hf_class: str) -> Any:
+    """transformers' vision model of a vision-only or two-tower checkpoint, fp32, eval mode, SDPA attention."""
+    import transformers
+
+    if "vision_config" in ckpt.config:
+        # A two-tower checkpoint: load the whole model and keep its vision tower (a vision-only class would
+        # silently load nothing from it).
+        full = transformers.AutoModel.from_pretrained(ckpt.path, attn_implementation="sdpa")
+        return full.vision_model.eval().float()
+    return (
+        getattr(transformers, hf_class).from_pretrained(ckpt.path, attn_implementation="sdpa").eval().float()
+    )

@@ -15,7 +15,8 @@ from packvit_native.config import EncoderConfig
 
 from ..errors import ConversionError
 from ..keymap import DROP, Converted, rename
-from .common import activation, image_stats, require, square
+from ..sources import Checkpoint
+from .common import activation, image_stats, load_tower_reference, per_frame, require, square
 
 NAME = "dinov3"
 MODEL_TYPES = ("dinov3_vit",)
@@ -58,7 +59,7 @@ def config_from_hf(
         layer_scale=True,
         num_cls=1,
         num_registers=cfg.get("num_register_tokens", 0),
-        positions="rope2d",
+        rope="normalized",
         rope_theta=float(cfg.get("rope_theta", 100.0)),
         final_norm=True,
         head="cls",
@@ -158,7 +159,7 @@ def tiny_hf_config(variant: str = "gelu") -> dict[str, Any]:
     }
 
 
-def reference_forward(model: Any, frame: Tensor) -> dict[str, Any]:
+def _frame_forward(model: Any, frame: Tensor) -> dict[str, Any]:
     """transformers' outputs for one ``[C, H, W]`` frame, split as ours are (prefix tokens, patch tokens)."""
     k = 1 + model.config.num_register_tokens
     out = model(pixel_values=frame[None], output_hidden_states=True)
@@ -168,3 +169,10 @@ def reference_forward(model: Any, frame: Tensor) -> dict[str, Any]:
         "pooler_output": out.pooler_output[0],
         "hidden_states": [h[0, k:] for h in out.hidden_states],
     }
+
+
+reference_forward = per_frame(_frame_forward)
+
+
+def load_reference(ckpt: Checkpoint) -> Any:
+    return load_tower_reference(ckpt, HF_CLASS)

@@ -16,7 +16,18 @@ from torch import Tensor
 from packvit_native.config import EncoderConfig
 
 from ..keymap import DROP, Converted, rename
-from .common import activation, image_stats, require, square, tower_config, tower_state, with_defaults
+from ..sources import Checkpoint
+from .common import (
+    activation,
+    image_stats,
+    load_tower_reference,
+    per_frame,
+    require,
+    square,
+    tower_config,
+    tower_state,
+    with_defaults,
+)
 
 NAME = "siglip"
 MODEL_TYPES = ("siglip_vision_model", "siglip")
@@ -46,7 +57,7 @@ def trunk_config(v: dict[str, Any], preprocessor: dict[str, Any] | None, **field
         activation=activation(v["hidden_act"]),
         norm="layernorm",
         norm_eps=float(v["layer_norm_eps"]),
-        positions="learned",
+        pos_embed="learned",
         final_norm=True,
         head="map" if v["vision_use_head"] else "none",
         **image_stats(preprocessor, SIGLIP_STATS),
@@ -59,7 +70,9 @@ def config_from_hf(
 ) -> EncoderConfig:
     v = with_defaults(tower_config(cfg)[0], DEFAULTS)
     side = square(v["image_size"], "image_size") // square(v["patch_size"], "patch_size")
-    return trunk_config(v, preprocessor, family="siglip", pos_grid=(side, side), pos_resize="bicubic")
+    return trunk_config(
+        v, preprocessor, family="siglip", pos_grid=(side, side), pos_resize="bicubic", resample="bicubic"
+    )
 
 
 def trunk_table(config: EncoderConfig) -> dict[str, str | None]:
@@ -136,7 +149,7 @@ def tiny_hf_config(variant: str = "default") -> dict[str, Any]:
     return {"model_type": "siglip", "vision_config": vision, "text_config": TINY_TEXT}
 
 
-def reference_forward(model: Any, frame: Tensor) -> dict[str, Any]:
+def _frame_forward(model: Any, frame: Tensor) -> dict[str, Any]:
     """transformers' outputs for one ``[C, H, W]`` frame, with its position interpolation switched on."""
     out = model(pixel_values=frame[None], output_hidden_states=True, interpolate_pos_encoding=True)
     return {
@@ -144,3 +157,10 @@ def reference_forward(model: Any, frame: Tensor) -> dict[str, Any]:
         "pooler_output": out.pooler_output[0] if out.pooler_output is not None else None,
         "hidden_states": [h[0] for h in out.hidden_states],
     }
+
+
+reference_forward = per_frame(_frame_forward)
+
+
+def load_reference(ckpt: Checkpoint) -> Any:
+    return load_tower_reference(ckpt, HF_CLASS)

@@ -21,7 +21,8 @@ from packvit_native.patchify import patchify
 
 from ..errors import ConversionError
 from ..keymap import Converted
-from .common import tower_config, with_defaults
+from ..sources import Checkpoint
+from .common import load_tower_reference, per_frame, tower_config, with_defaults
 from .siglip import DEFAULTS as SIGLIP_DEFAULTS
 from .siglip import TINY_TEXT, convert_trunk, tiny_vision, trunk_config
 
@@ -45,14 +46,20 @@ def config_from_hf(
     side = math.isqrt(n) if isinstance(n, int) and n > 0 else 0
     if side * side != n:
         raise ConversionError(f"config.json 'num_patches' = {n!r} is not a positive perfect square")
+    budget = (preprocessor or {}).get("max_num_patches", 256)
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise ConversionError(
+            f"preprocessor_config.json max_num_patches = {budget!r} is not a positive integer"
+        )
     return trunk_config(
-        v, preprocessor, family="siglip2", pos_grid=(side, side), pos_resize="bilinear_antialias"
-    )
+        v, preprocessor, family="siglip2", pos_grid=(side, side), pos_resize="bilinear_antialias",
+        resample="bilinear", resize_max_patches=budget,
+    )  # fmt: skip
 
 
 def convert_state_dict(state: dict[str, Tensor], cfg: dict[str, Any], config: EncoderConfig) -> Converted:
     c = convert_trunk(state, cfg, config)
-    c.ppc_to_cpp("patch_embed.weight", config.num_channels, config.patch_size)
+    c.hwc_to_chw("patch_embed.weight", config.num_channels, config.patch_size)
     return c
 
 
@@ -82,7 +89,7 @@ def processor_inputs(
     return {"pixel_values": pixel_values, "pixel_attention_mask": mask, "spatial_shapes": shapes}
 
 
-def reference_forward(model: Any, frame: Tensor) -> dict[str, Any]:
+def _frame_forward(model: Any, frame: Tensor) -> dict[str, Any]:
     """transformers' outputs for one ``[C, H, W]`` frame fed as the processor feeds it."""
     inputs = processor_inputs([frame], model.config.patch_size)
     out = model(**inputs, output_hidden_states=True)
@@ -91,3 +98,10 @@ def reference_forward(model: Any, frame: Tensor) -> dict[str, Any]:
         "pooler_output": out.pooler_output[0] if out.pooler_output is not None else None,
         "hidden_states": [h[0] for h in out.hidden_states],
     }
+
+
+reference_forward = per_frame(_frame_forward)
+
+
+def load_reference(ckpt: Checkpoint) -> Any:
+    return load_tower_reference(ckpt, HF_CLASS)

@@ -1,0 +1,51 @@
+"""Find a checkpoint: a local directory as is, or a Hugging Face hub id fetched into the local cache.
+
+With ``HF_HUB_OFFLINE=1`` the cache (``HF_HUB_CACHE``) is read without network access. Only configs and
+safetensors are fetched; nothing that looks like a local path is ever looked up on the hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import CheckpointError
+
+__all__ = ["locate"]
+
+HUB_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json"]
+
+
+def _looks_like_path(src: str) -> bool:
+    """Whether ``src`` can only be meant as a local path (hub ids are ``org/name``)."""
+    if src.startswith((".", "/", "~")) or "\\" in src or src.count("/") != 1:
+        return True
+    org = src.split("/", 1)[0]
+    return Path(org).is_dir()  # "runs/typo" next to an existing runs/ folder is a mistyped path
+
+
+def locate(src: str | os.PathLike) -> Path:
+    """The directory of checkpoint ``src``: a local directory, or a hub id's snapshot in the local cache.
+
+    Raises:
+        CheckpointError: ``src`` is a file, a missing local path, or a hub id that cannot be fetched.
+    """
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{src} is a file; pass the directory that holds config.json and the weights")
+    text = os.fspath(src)
+    if _looks_like_path(text):
+        raise CheckpointError(f"{text}: no such directory (a hub id has the form org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+    except HFValidationError as e:
+        raise CheckpointError(f"{text} is neither a local directory nor a valid hub id: {e}") from None
+    except Exception as e:  # offline with an empty cache, unknown repo, network failure
+        raise CheckpointError(
+            f"{text} is not a local directory, and fetching it from the hub failed: {type(e).__name__}: {e}"
+        ) from None
