@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .atomic import replace_dir
 from .config import FORMAT_NAME, EncoderConfig
 
 __all__ = ["is_native_dir", "load_native", "save_native"]
@@ -31,36 +29,17 @@ def save_native(
 ) -> Path:
     """Write ``config.json`` + ``model.safetensors`` into ``out_dir``, all or nothing.
 
-    Files are written into a temporary sibling directory that is then renamed into place, so a failure at any
-    point leaves ``out_dir`` as it was. An existing ``out_dir`` is replaced only with ``force``.
+    The folder is written and flushed under a temporary name and then put in place (see
+    :func:`~packvit_native.atomic.replace_dir`): ``out_dir`` is at every instant absent, the complete previous
+    checkpoint, or the complete new one. An existing ``out_dir`` is replaced only with ``force``.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        config.to_json(tmp / "config.json")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "previous")
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / "previous", out)  # put the previous checkpoint back before giving up
-                shutil.rmtree(old, ignore_errors=True)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+    def fill(folder: Path) -> None:
+        config.to_json(folder / "config.json")
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    return replace_dir(Path(out_dir), fill, force=force)
 
 
 def load_native(path: Path) -> tuple[EncoderConfig, dict[str, Tensor]]:

@@ -75,20 +75,21 @@ def test_save_pretrained_round_trip(tiny_reference, tmp_path):
 
 
 def test_failed_overwrite_keeps_the_previous_checkpoint(tiny_reference, tmp_path, monkeypatch):
+    import errno
+
     import packvit_native.io as io
 
     model = pv.from_pretrained(tiny_reference("dinov3", "gelu"))
     out = model.save_pretrained(tmp_path / "saved")
     before = (out / "model.safetensors").read_bytes()
-    real_replace = io.os.replace
 
-    def failing_replace(src, dst):
-        if str(src).endswith(".tmp"):
-            raise OSError("disk full")
-        return real_replace(src, dst)
+    def disk_full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(io, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
         model.save_pretrained(out, force=True)
     assert (out / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["saved"], "no temporary directories left behind"

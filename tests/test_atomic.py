@@ -1,0 +1,142 @@
+"""All-or-nothing writes: every failure point of a file or folder write leaves the old version whole."""
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from packvit_native import atomic
+
+
+def _write_text(text):
+    def write(path):
+        path.write_text(text)
+
+    return write
+
+
+def test_write_file_replaces_whole_and_respects_the_umask(tmp_path):
+    target = tmp_path / "a.txt"
+    old = os.umask(0o027)
+    try:
+        atomic.write_file(target, _write_text("one"))
+        assert (target.stat().st_mode & 0o777) == 0o640
+    finally:
+        os.umask(old)
+    os.umask(0o022)
+    try:
+        atomic.write_file(target, _write_text("two"))
+        assert (target.stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(old)
+    assert target.read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_write_file_failure_keeps_the_old_file(tmp_path):
+    target = tmp_path / "a.txt"
+    atomic.write_file(target, _write_text("old"))
+
+    def disk_full(path):
+        path.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic.write_file(target, disk_full)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_exclusive_write_claims_a_name_once(tmp_path):
+    target = tmp_path / "part-00000"
+    atomic.write_file(target, _write_text("first"), exclusive=True)
+    with pytest.raises(FileExistsError):
+        atomic.write_file(target, _write_text("second"), exclusive=True)
+    assert target.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["part-00000"]
+
+
+def _fill(text):
+    def fill(folder):
+        (folder / "config.json").write_text(text)
+        (folder / "model.bin").write_text(text * 3)
+
+    return fill
+
+
+def test_replace_dir_needs_force_and_swaps_whole(tmp_path):
+    out = tmp_path / "out"
+    os.umask(old := os.umask(0o022))
+    atomic.replace_dir(out, _fill("a"))
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~old
+    assert ((out / "config.json").stat().st_mode & 0o777) == 0o666 & ~old
+    with pytest.raises(FileExistsError, match="--force"):
+        atomic.replace_dir(out, _fill("b"))
+    atomic.replace_dir(out, _fill("b"), force=True)
+    assert (out / "config.json").read_text() == "b"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_failing_fill_leaves_the_previous_folder(tmp_path):
+    out = tmp_path / "out"
+    atomic.replace_dir(out, _fill("a"))
+
+    def fill(folder):
+        (folder / "config.json").write_text("new")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic.replace_dir(out, fill, force=True)
+    assert (out / "config.json").read_text() == "a"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_kill_between_the_fallback_renames_is_undone_by_the_next_run(tmp_path, monkeypatch):
+    """Where the folders cannot be swapped in one step, a kill between the two renames leaves the old folder
+    aside; the next call puts it back before doing anything else."""
+    out = tmp_path / "out"
+    atomic.replace_dir(out, _fill("a"))
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def killed_after_first_rename(src, dst):
+        real_rename(src, dst)
+        if str(dst).endswith(".previous"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "rename", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.replace_dir(out, _fill("b"), force=True)
+    monkeypatch.setattr(atomic.os, "rename", real_rename)
+    assert not out.exists() and (tmp_path / ".out.previous").is_dir()
+    atomic.remove_stale(tmp_path, "out")
+    assert (out / "config.json").read_text() == "a"
+
+
+def test_exchange_swaps_in_one_step_on_linux(tmp_path):
+    if sys.platform != "linux":
+        pytest.skip("renameat2 is Linux-only; elsewhere the two-rename fallback above is what runs")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    assert atomic._exchange(a, b)
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(tmp_path):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    host = atomic._host()
+    stale = tmp_path / f".img.safetensors.{host}.{dead_pid}.abcd1234.tmp"
+    live = tmp_path / f".img.safetensors.{host}.{os.getpid()}.abcd1234.tmp"
+    other = tmp_path / f".img.safetensors.elsewhere.{dead_pid}.abcd1234.tmp"
+    for p in (stale, live, other):
+        p.write_text("x")
+    assert atomic.remove_stale(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
