@@ -51,6 +51,7 @@ from .config import EncoderConfig
 from .patchify import patchify
 
 __all__ = [
+    "MAX_DECODED_PIXELS",
     "ImageLike",
     "default_resize",
     "load_image",
@@ -171,10 +172,28 @@ def target_size(
     return smart_size(height, width, f, lo, hi)
 
 
-def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
-    """Decode an image file fully (EXIF orientation applied) in ``mode``; ``ValueError`` naming it if unreadable."""
+# Largest image (width x height) load_image decodes by default: 64 Mi pixels, e.g. 8192 x 8192, 192 MB as RGB.
+# A file of a few hundred KB can declare 10000 x 10000 pixels, 300 MB decoded as RGB, so the declared size is
+# checked first. PIL's own bomb check (Image.MAX_IMAGE_PIXELS, about 179 M pixels) still applies above this.
+MAX_DECODED_PIXELS = 64 * 2**20
+
+
+def load_image(
+    path: str | os.PathLike, mode: str = "RGB", max_decoded_pixels: int | None = MAX_DECODED_PIXELS
+) -> Image.Image:
+    """Decode an image file fully (EXIF orientation applied) in ``mode``.
+
+    Raises ``ValueError`` naming the file if it is unreadable or declares more than ``max_decoded_pixels``
+    pixels (``None``: no limit of ours), which is checked from the header before anything is decoded.
+    """
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            w, h = im.size
+            if max_decoded_pixels is not None and w * h > max_decoded_pixels:
+                raise ValueError(
+                    f"it declares {w}x{h} = {w * h} pixels, over the limit of {max_decoded_pixels} decoded "
+                    f"pixels (max_decoded_pixels, --max-decoded-pixels)"
+                )
             im.load()
             return ImageOps.exif_transpose(im).convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -233,6 +252,7 @@ def preprocess(
     size: tuple[int, int] | None = None,
     resample: str | None = None,
     device: torch.device | str | None = None,
+    max_decoded_pixels: int | None = MAX_DECODED_PIXELS,
 ) -> tuple[Tensor, Tensor]:
     """Resize, normalise and patchify images into the packed input of ``model``.
 
@@ -248,6 +268,8 @@ def preprocess(
         resample: ``"bilinear"`` or ``"bicubic"``; default: ``config.resample``, what the checkpoint's image
             processor uses.
         device: where tensors are resized and the patches returned (default: the CPU).
+        max_decoded_pixels: image files declaring more pixels than this are refused before decoding
+            (``ValueError``; see :func:`load_image`); ``None`` for no limit of ours.
 
     Returns:
         ``patches [N, C*p*p]`` float32 on ``device`` and ``grid_thw`` int64 ``[B, 3]`` on the CPU, ready for
@@ -283,7 +305,7 @@ def preprocess(
     frames = []
     for i, item in enumerate(images):
         if isinstance(item, (str, os.PathLike)):
-            item = load_image(Path(item), _mode(c))
+            item = load_image(Path(item), _mode(c), max_decoded_pixels)
         if isinstance(item, Image.Image):
             x = _from_pil(item, target_size(item.height, item.width, config, **rule), resample, c).to(device)
         elif isinstance(item, Tensor):

@@ -56,7 +56,7 @@ def test_encode_folder_reports_corrupt_file_and_resumes(tiny_reference, folder, 
     (out / "c.safetensors").unlink()
     assert _encode("--model", src, "--out", out, folder, "--max-tokens", 100) == 1
     err = capsys.readouterr().err
-    assert "3 of 5 images are already in" in err and "encoded 1 images" in err
+    assert "skipping 3 of 5 images, already in" in err and "encoded 1 image (" in err
     for p, t in mtimes.items():
         if p.name != "c.safetensors":
             assert p.stat().st_mtime_ns == t
@@ -131,14 +131,16 @@ def test_interrupted_run_leaves_whole_files_and_resumes(
         real_save(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(cli, "save_file", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        _encode("--model", src, "--out", out, folder, "--max-tokens", 1)
+    capsys.readouterr()
+    assert _encode("--model", src, "--out", out, folder, "--max-tokens", 1) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "packvit encode: interrupted; run the same command again to resume"
+    assert "Traceback" not in err
     assert len(list(out.rglob("*.safetensors"))) == 1
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]
     monkeypatch.setattr(cli, "save_file", real_save)
-    capsys.readouterr()
     assert _encode("--model", src, "--out", out, folder) == 1  # broken.jpg is still unreadable
-    assert "1 of 5 images are already in" in capsys.readouterr().err
+    assert "skipping 1 of 5 images, already in" in capsys.readouterr().err
     assert len(list(out.rglob("*.safetensors"))) == len(SIZES)
 
 
