@@ -36,7 +36,7 @@ def locate(src: str | os.PathLike) -> Path:
     if path.exists():
         raise CheckpointError(f"{src} is a file; pass the directory that holds config.json and the weights")
     text = os.fspath(src)
-    if _looks_like_path(text):
+    if not isinstance(src, str) or _looks_like_path(text):  # a Path object is never a hub id
         raise CheckpointError(f"{text}: no such directory (a hub id has the form org/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError

@@ -1,27 +1,86 @@
-"""Our checkpoint format: ``config.json`` (an :class:`EncoderConfig`) + ``model.safetensors``, written atomically."""
+"""Our checkpoint format: ``config.json`` (an :class:`EncoderConfig`) + ``model.safetensors``, written atomically.
+
+Reading refuses anything but a regular file before opening it (a FIFO would block forever, a Git LFS pointer
+would read as garbage), and every failure is a :class:`~packvit_native.errors.CheckpointError` that names the
+file and the problem.
+"""
 
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .atomic import replace_dir
 from .config import FORMAT_NAME, EncoderConfig
+from .errors import CheckpointError
 
-__all__ = ["is_native_dir", "load_native", "save_native"]
+__all__ = ["CheckpointWriteError", "check_regular_file", "is_native_dir", "load_native", "save_native"]
+
+_LFS_POINTER = b"version https://git-lfs"
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint folder cannot be written (no permission, read-only or full disk).
+
+    A :class:`CheckpointError` like every checkpoint failure, and an ``OSError`` like the failure it reports,
+    so code that caught ``OSError`` around ``save_pretrained`` still does.
+    """
+
+
+def check_regular_file(path: Path, what: str, error: type[CheckpointError] = CheckpointError) -> None:
+    """Raise ``error`` unless ``path`` is a readable regular file that is not a Git LFS pointer.
+
+    Checked with ``stat`` before anything opens the file: opening a FIFO blocks until a writer appears.
+
+    Args:
+        path: the file.
+        what: what the file should be, for the message (``"weights file"``).
+        error: the exception class to raise (the converter raises its own subclass).
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:  # missing, a symlink loop, no permission on the folder
+        raise error(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise error(f"{path}: the {what} is {kind}")
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_LFS_POINTER))
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    if head == _LFS_POINTER:
+        raise error(
+            f"{path} is a Git LFS pointer, not the {what}: fetch the real file (`git lfs pull` in the clone, "
+            "or download it with huggingface_hub)"
+        )
 
 
 def is_native_dir(path: Path) -> bool:
-    """Whether ``path`` holds a checkpoint in our format (its config.json names the format)."""
+    """Whether ``path`` holds a checkpoint in our format: its config.json names the format.
 
+    A config.json that mentions our format but cannot be parsed counts as ours, so that loading it reports
+    what is wrong with it instead of handing the folder to the converter as a foreign checkpoint.
+    """
     cfg = path / "config.json"
     try:
-        return cfg.is_file() and json.loads(cfg.read_text()).get("format") == FORMAT_NAME
-    except (json.JSONDecodeError, AttributeError):
+        if not cfg.is_file():  # a stat, so a FIFO is never opened
+            return False
+        raw = cfg.read_bytes()
+    except OSError:
         return False
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return FORMAT_NAME.encode() in raw
+    if isinstance(data, dict):
+        return data.get("format") == FORMAT_NAME
+    return FORMAT_NAME.encode() in raw
 
 
 def save_native(
@@ -32,18 +91,60 @@ def save_native(
     The folder is written and flushed under a temporary name and then put in place (see
     :func:`~packvit_native.atomic.replace_dir`): ``out_dir`` is at every instant absent, the complete previous
     checkpoint, or the complete new one. An existing ``out_dir`` is replaced only with ``force``.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``force`` is not set.
+        CheckpointWriteError: ``out_dir`` cannot be written (no permission, disk full, ...): a
+            ``CheckpointError`` and an ``OSError``, whose message names ``out_dir``, not the temporary folder
+            the failure happened in.
     """
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass force=True to replace it")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
     def fill(folder: Path) -> None:
         config.to_json(folder / "config.json")
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
-    return replace_dir(Path(out_dir), fill, force=force)
+    try:
+        return replace_dir(out, fill, force=force)
+    except FileExistsError:
+        raise
+    except OSError as e:  # the failing path is a temporary sibling the user never asked for: name out_dir
+        raise CheckpointWriteError(f"{out}: cannot write the checkpoint there: {e.strerror or e}") from None
+
+
+def _load_config(file: Path) -> EncoderConfig:
+    check_regular_file(file, "config")
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read the config: {e.strerror or e}") from None
+    try:
+        return EncoderConfig.from_dict(data)
+    except ValueError as e:  # a field of the wrong type or value, a missing or unknown field, a version
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def _load_weights(file: Path) -> dict[str, Tensor]:
+    if not file.exists() and not file.is_symlink():
+        raise CheckpointError(f"{file.parent} has a {FORMAT_NAME} config.json but no model.safetensors")
+    check_regular_file(file, "weights file")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # truncated, garbage, unknown dtype
+        raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
 
 
 def load_native(path: Path) -> tuple[EncoderConfig, dict[str, Tensor]]:
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path} has a {FORMAT_NAME} config.json but no model.safetensors")
-    return EncoderConfig.from_json(path / "config.json"), load_file(weights)
+    """The config and tensors of a checkpoint in our format.
+
+    Raises:
+        CheckpointError: a file is missing, unreadable, corrupt, or describes an invalid model.
+    """
+    return _load_config(path / "config.json"), _load_weights(path / "model.safetensors")

@@ -7,12 +7,14 @@ the converter, ``weights_convert``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 from .attention import resolve_backend
-from .config import EncoderConfig, patch_layout_name
+from .config import EncoderConfig, PositionResize, patch_layout_name
 from .encoder import PackedVisionEncoder
+from .errors import CheckpointError
 from .hub import locate
 from .io import is_native_dir, load_native
 from .patchify import patch_weight_layout
@@ -29,6 +31,61 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]
     raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or the torch dtype), got {dtype!r}")
+
+
+def _parse_device(device: torch.device | str | None) -> torch.device:
+    """The target device, refused here (``ValueError``) if it cannot be named or has no GPU behind it."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device: {e}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asked for, but no CUDA GPU is available")
+    return target
+
+
+def _check_options(
+    attn_backend: str,
+    patch_layout: str | None,
+    pos_resize: str | None,
+    merge_size: int | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype | str | None,
+) -> tuple[torch.device, torch.dtype | None]:
+    """Refuse bad loading options before anything is read, fetched or converted; returns (device, dtype)."""
+    dtype = parse_dtype(dtype)
+    target = _parse_device(device)
+    # An unknown or unavailable backend fails now, as the CLI's --attn-backend does, not at the first forward.
+    resolve_backend(attn_backend, target)
+    if patch_layout is not None:
+        patch_layout_name(patch_layout)
+    if pos_resize is not None and pos_resize not in PositionResize.__args__:
+        raise ValueError(f"pos_resize must be one of {list(PositionResize.__args__)}, got {pos_resize!r}")
+    if merge_size is not None and (
+        not isinstance(merge_size, int) or isinstance(merge_size, bool) or merge_size < 1
+    ):
+        raise ValueError(f"merge_size must be a positive integer, got {merge_size!r}")
+    return target, dtype
+
+
+def _check_state(config: EncoderConfig, state: dict[str, torch.Tensor], file: Path) -> None:
+    """Raise ``CheckpointError`` naming ``file`` unless ``state`` has exactly the model's keys and shapes."""
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in PackedVisionEncoder(config).state_dict().items()}
+    missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unknown:
+        raise CheckpointError(
+            f"{file} does not match its config.json: missing {missing[:5]}, unexpected {unknown[:5]}"
+        )
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise CheckpointError(
+                f"{file}: {key} has shape {tuple(state[key].shape)}, but config.json implies {tuple(shape)}"
+            )
+        if not state[key].is_floating_point():
+            raise CheckpointError(f"{file}: {key} is {state[key].dtype}, not floating point")
 
 
 def build_model(
@@ -48,11 +105,7 @@ def build_model(
     twice. Loading is strict: every parameter must be present with its exact shape. Arguments as for
     :func:`from_pretrained`.
     """
-    dtype = parse_dtype(dtype)
-    target = torch.device(device) if device is not None else torch.device("cpu")
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} asked for, but no CUDA GPU is available")
-    resolve_backend(attn_backend, target)
+    target, dtype = _check_options(attn_backend, patch_layout, pos_resize, merge_size, device, dtype)
     changes = {}
     if patch_layout is not None and patch_layout_name(patch_layout) != config.patch_layout:
         c = config
@@ -69,8 +122,6 @@ def build_model(
             )
         changes["pos_resize"] = pos_resize
     if merge_size is not None:
-        if not isinstance(merge_size, int) or isinstance(merge_size, bool) or merge_size < 1:
-            raise ValueError(f"merge_size must be a positive integer, got {merge_size!r}")
         if config.merge_fixed and merge_size != config.merge_size:
             raise ValueError(
                 f"this model's merger or attention windows group {config.merge_size}x{config.merge_size} patches, "
@@ -80,7 +131,7 @@ def build_model(
     config = config.replace(**changes) if changes else config
     with torch.device("meta"):
         model = PackedVisionEncoder(config, attn_backend=attn_backend)
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
+    state = {k: v.to(device=target, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
@@ -120,11 +171,13 @@ def from_pretrained(
 
     Raises:
         CheckpointError: the checkpoint cannot be found, read or converted (a ``ValueError``).
-        ValueError: an argument is invalid.
+        ValueError: an argument is invalid (checked before the checkpoint is looked up).
     """
+    _check_options(attn_backend, patch_layout, pos_resize, merge_size, device, dtype)
     path = locate(src)
     if is_native_dir(path):
         config, state = load_native(path)
+        _check_state(config, state, path / "model.safetensors")
     else:
         from weights_convert.convert import convert_directory
 

@@ -111,3 +111,76 @@ def test_packing_on_another_device_is_refused(model):
     packing = pv.Packing.from_grid([[1, 2, 2]], model.config.num_prefix, "meta")
     with pytest.raises(ValueError, match="packing was built for meta"):
         model(torch.randn(4, 48), packing=packing)
+
+
+def test_flat_grid_says_how_to_write_one_image(model):
+    with pytest.raises(ValueError, match=r"for one image write \[\[1, 2, 2\]\]"):
+        _call(model, torch.randn(4, 48), [1, 2, 2])
+
+
+def test_grid_on_the_meta_device_is_refused(model):
+    with pytest.raises(ValueError, match="grid_thw is on the meta device"):
+        _call(model, torch.randn(4, 48), torch.tensor([[1, 2, 2]], device="meta"))
+
+
+def test_output_layers_as_a_0d_tensor_or_a_float(model):
+    patches = torch.randn(4, 48)
+    with torch.no_grad():
+        expected = model(patches, [[1, 2, 2]], output_layers=1)
+        torch.testing.assert_close(model(patches, [[1, 2, 2]], output_layers=torch.tensor(1)), expected)
+        (picked,) = model(patches, [[1, 2, 2]], output_layers=torch.tensor([1]))
+        torch.testing.assert_close(picked, expected)
+    for bad in (1.0, torch.tensor(1.0), "1", True):
+        with pytest.raises(ValueError, match="output_layers must be an int or a sequence of ints"):
+            model(patches, [[1, 2, 2]], output_layers=bad)
+
+
+def test_numpy_integer_rows_are_accepted(model):
+    import numpy as np
+
+    patches = torch.randn(8, 48)
+    with torch.no_grad():
+        expected = model(patches, [[1, 2, 2], [1, 1, 4]])
+        for grid in (
+            [[np.int64(1), np.int64(2), np.int32(2)], [1, 1, 4]],
+            [np.array([1, 2, 2]), np.array([1, 1, 4])],
+            [torch.tensor([1, 2, 2]), (1, 1, 4)],
+            np.array([[1, 2, 2], [1, 1, 4]], dtype=np.int32),
+        ):
+            torch.testing.assert_close(model(patches, grid), expected, rtol=0, atol=0)
+
+
+def test_grid_and_packing_that_disagree_are_refused(model):
+    patches = torch.randn(16, 48)
+    packing = model.pack([[1, 4, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(patches, [[1, 4, 4]], packing=packing), model(patches, packing=packing)
+        )
+    with pytest.raises(ValueError, match="grid_thw and packing describe different batches"):
+        model(patches, [[1, 2, 8]], packing=packing)
+
+
+def test_huge_grid_fails_fast_without_allocating(model):
+    import resource
+    import time
+
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; never goes down
+    start = time.perf_counter()
+    with pytest.raises(
+        ValueError, match=r"grid_thw describes 100000000 patches \(sum of t\*h\*w\) but patches has 16 rows"
+    ):
+        _call(model, torch.randn(16, 48), [[1, 10000, 10000]])
+    with pytest.raises(ValueError, match=r"more than 2147483647 patches \(at entry 0: 1x100000x100000\)"):
+        _call(model, torch.randn(16, 48), torch.tensor([[1, 100000, 100000]]))
+    assert time.perf_counter() - start < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200 * 1024, "expanded per patch"
+
+
+def test_grid_beyond_int64_says_what_is_wrong(model):
+    with pytest.raises(
+        ValueError, match=r"more than 2147483647 patches .* one packed batch holds at most that many"
+    ):
+        _call(model, torch.randn(16, 48), [[1, 2**40, 2**40]])
+    with pytest.raises(ValueError, match="more than 2147483647 patches"):
+        _call(model, torch.randn(16, 48), [[2**62, 2**62, 2**62]])

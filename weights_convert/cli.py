@@ -1,18 +1,27 @@
-"""``packvit-convert SRC OUT_DIR``: convert a transformers checkpoint (hub id or local dir) to packvit-native."""
+"""``packvit-convert SRC OUT_DIR``: convert a transformers checkpoint (hub id or local dir) to packvit-native.
+
+Exit codes: 0 converted; 2 an error, reported on one line as ``packvit-convert: error: <file>: <problem>`` and
+nothing written; 130 interrupted (Ctrl-C), nothing written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from packvit_native.errors import CheckpointError
 from packvit_native.io import save_native
 from packvit_native.loading import DTYPES
 
-from .convert import convert_checkpoint, describe_dropped
+from .convert import convert_directory, describe_dropped
+from .sources import read_checkpoint
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="packvit-convert", description=__doc__)
     parser.add_argument(
         "src", help="hub id (e.g. facebook/dinov3-vitl16-pretrain-lvd1689m) or local directory"
@@ -22,13 +31,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the source dtype)"
     )
-    args = parser.parse_args(argv)
-    try:
-        config, state, dropped = convert_checkpoint(args.src, dtype=DTYPES.get(args.dtype))
-        out = save_native(args.out_dir, config, state, force=args.force)
-    except (CheckpointError, FileExistsError) as e:
-        print(f"packvit-convert: error: {e}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def check_out_dir(src: Path, out: Path, force: bool) -> None:
+    """Refuse an ``out`` that would overwrite or nest with the source, or that exists without ``force``.
+
+    Replacing OUT removes what was there, so OUT equal to SRC, inside it or containing it would destroy the
+    checkpoint being read. Both paths are compared with symlinks resolved, so no alias slips through.
+    """
+    real_src, real_out = src.resolve(), out.resolve()
+    if real_out == real_src or real_src in real_out.parents or real_out in real_src.parents:
+        where = "is" if real_out == real_src else "contains" if real_out in real_src.parents else "is inside"
+        raise CheckpointError(
+            f"{out}: the output folder {where} the source checkpoint {src}; choose an OUT_DIR outside it"
+        )
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder; choose another OUT_DIR")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise CheckpointError(f"{out}: already exists; pass --force to replace it")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    ckpt = read_checkpoint(args.src)
+    check_out_dir(ckpt.path, Path(args.out_dir), args.force)  # before converting: fail fast, write nothing
+    config, state, dropped = convert_directory(ckpt.path, ckpt, dtype=DTYPES.get(args.dtype))
+    out = save_native(args.out_dir, config, state, force=args.force)
     n = sum(t.numel() for t in state.values())
     print(
         f"converted {config.family} ({config.num_layers} layers, width {config.hidden_size}, {n / 1e6:.1f}M params)"
@@ -37,6 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_dropped(dropped))
     print(f"wrote {out}/config.json and {out}/model.safetensors")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _convert(args)
+    except (CheckpointError, OSError) as e:  # OSError: e.g. FileExistsError, OUT appeared while converting
+        print(f"packvit-convert: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:  # the temporary folder is already gone: replace_dir cleans up on any exception
+        print("packvit-convert: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -86,16 +86,25 @@ def convert_loaded(
 def convert_directory(
     path: Path, ckpt: Checkpoint | None = None, dtype: torch.dtype | None = None
 ) -> tuple[EncoderConfig, dict[str, Tensor], list[str]]:
-    """Convert a local transformers checkpoint directory, reading only the tensors its family asks for."""
+    """Convert a local transformers checkpoint directory, reading only the tensors its family asks for.
+
+    Errors name the checkpoint: those about keys or config values are raised where only the parsed data is
+    known, so the folder is put in front of them here.
+    """
     ckpt = ckpt or read_checkpoint(path)
     if ckpt.config.get("format") == FORMAT_NAME:
         raise ConversionError(f"{path} is already a {FORMAT_NAME} checkpoint")
-    fam = family_for(_model_type(ckpt.config))
-    select = getattr(fam, "select_keys", None)
-    state, skipped = load_state_dict(
-        ckpt.path, None if select is None else lambda keys: select(keys, ckpt.config)
-    )
-    config, state, dropped = convert_loaded(ckpt.config, ckpt.preprocessor, state, skipped)
+    try:
+        fam = family_for(_model_type(ckpt.config))
+        select = getattr(fam, "select_keys", None)
+        state, skipped = load_state_dict(
+            ckpt.path, None if select is None else lambda keys: select(keys, ckpt.config)
+        )
+        config, state, dropped = convert_loaded(ckpt.config, ckpt.preprocessor, state, skipped)
+    except ConversionError as e:
+        if str(ckpt.path) in str(e):
+            raise
+        raise type(e)(f"{ckpt.path}: {e}") from None
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     return config, state, dropped

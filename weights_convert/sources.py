@@ -12,8 +12,8 @@ Every failure is a :class:`~weights_convert.errors.ConversionError` naming the f
 from __future__ import annotations
 
 import json
+import math
 import os
-import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from packvit_native.hub import locate
+from packvit_native.io import check_regular_file
 
 from .errors import ConversionError
 
@@ -30,8 +31,6 @@ __all__ = ["Checkpoint", "KeySelector", "load_state_dict", "locate", "read_check
 
 # Which of a checkpoint's tensor names to read; the others are reported as dropped without being read.
 KeySelector = Callable[[Iterable[str]], set[str]]
-
-_LFS_POINTER = b"version https://git-lfs"
 
 
 @dataclass
@@ -45,23 +44,7 @@ class Checkpoint:
 
 def _check_readable_file(path: Path, what: str) -> None:
     """Refuse anything but a regular, readable, non-pointer file, before opening it (a FIFO would block)."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as e:  # missing, a symlink loop, no permission on the folder
-        raise ConversionError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
-    if not stat.S_ISREG(mode):
-        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-        raise ConversionError(f"{path}: the {what} is {kind}")
-    try:
-        with path.open("rb") as f:
-            head = f.read(len(_LFS_POINTER))
-    except OSError as e:
-        raise ConversionError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
-    if head == _LFS_POINTER:
-        raise ConversionError(
-            f"{path} is a Git LFS pointer, not the {what}: fetch the real file (`git lfs pull` in the clone, "
-            "or download it with huggingface_hub)"
-        )
+    check_regular_file(path, what, ConversionError)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -81,6 +64,44 @@ def _read_json_object(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+# Config values that must be finite numbers wherever they appear (top level, vision_config, rope_parameters).
+# Families read them with float(), which would accept NaN and report other mistakes without the file or key.
+_NUMBER_FIELDS = ("layer_norm_eps", "rms_norm_eps", "rope_theta", "layerscale_value")
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_image_stats(path: Path, preprocessor: dict[str, Any]) -> None:
+    """Refuse normalisation stats that are not lists of finite numbers (std positive), naming this file:
+    the family reads them later, when the error could no longer say where they came from."""
+    for name in ("image_mean", "image_std"):
+        if name not in preprocessor:
+            continue
+        values = preprocessor[name]
+        numbers = isinstance(values, list) and all(_is_finite_number(v) for v in values)
+        if not numbers or not values or (name == "image_std" and min(values) <= 0):
+            kind = "positive numbers" if name == "image_std" else "finite numbers"
+            raise ConversionError(f"{path}: {name} = {values!r} is not a list of {kind}, one per channel")
+    mean, std = preprocessor.get("image_mean"), preprocessor.get("image_std")
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise ConversionError(f"{path}: image_mean has {len(mean)} values but image_std {len(std)}")
+
+
+def _check_numbers(path: Path, config: dict[str, Any]) -> None:
+    """Refuse a :data:`_NUMBER_FIELDS` value that is not a finite number, naming the file and the key."""
+    scopes: dict[str, Any] = {"": config, "vision_config.": config.get("vision_config")}
+    for prefix, scope in list(scopes.items()):
+        if isinstance(scope, dict):
+            scopes[f"{prefix}rope_parameters."] = scope.get("rope_parameters")
+    for prefix, scope in scopes.items():
+        for key in _NUMBER_FIELDS if isinstance(scope, dict) else ():
+            value = scope.get(key)
+            if value is not None and not _is_finite_number(value):
+                raise ConversionError(f"{path}: {prefix}{key} = {value!r} is not a finite number")
+
+
 def read_checkpoint(src: str | os.PathLike) -> Checkpoint:
     """A checkpoint's directory and configs (hub ids are fetched into the local cache first)."""
     path = locate(src)
@@ -88,8 +109,13 @@ def read_checkpoint(src: str | os.PathLike) -> Checkpoint:
     if not config_path.exists() and not config_path.is_symlink():
         raise ConversionError(f"{path} has no config.json")
     pre = path / "preprocessor_config.json"
-    preprocessor = _read_json_object(pre, "preprocessor config") if pre.exists() else None
-    return Checkpoint(path, _read_json_object(config_path, "config"), preprocessor)
+    preprocessor = None
+    if pre.exists() or pre.is_symlink():
+        preprocessor = _read_json_object(pre, "preprocessor config")
+        _check_image_stats(pre, preprocessor)
+    config = _read_json_object(config_path, "config")
+    _check_numbers(config_path, config)
+    return Checkpoint(path, config, preprocessor)
 
 
 def _safetensors_keys(file: Path) -> list[str]:

@@ -1,0 +1,324 @@
+"""Every broken input ends in one line naming the file (``packvit-convert: error: <file>: <problem>``, exit 2)
+and, from Python, in a CheckpointError naming the file; nothing is written and nothing hangs."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import packvit_native as pv
+from weights_convert import convert_checkpoint
+from weights_convert.cli import main as convert_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 421736\n".format("0" * 64)
+
+
+@contextmanager
+def no_hang(seconds: int = 20):
+    """Fail instead of hanging: a FIFO opened for reading blocks until a writer appears."""
+
+    def fail(signum, frame):
+        raise AssertionError(f"still running after {seconds}s: the input made the reader block")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _weights(d: Path) -> Path:
+    return d / "model.safetensors"
+
+
+def _replace(path: Path, make) -> None:
+    path.unlink()
+    make(path)
+
+
+def _config_edit(**changes):
+    def edit(d: Path) -> None:
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+    return edit
+
+
+def _header_claiming(n: int) -> bytes:
+    return struct.pack("<Q", n) + b"{}"
+
+
+# (name, edit of a copy of a good checkpoint, file the message must name, text the message must hold)
+BROKEN_SOURCES = [
+    ("truncated", lambda d: _weights(d).write_bytes(_weights(d).read_bytes()[:5000]), "model.safetensors", "not a readable safetensors file"),
+    ("zero-byte", lambda d: _weights(d).write_bytes(b""), "model.safetensors", "not a readable safetensors file"),
+    ("garbage", lambda d: _weights(d).write_bytes(bytes(range(256)) * 8), "model.safetensors", "not a readable safetensors file"),
+    ("huge-header", lambda d: _weights(d).write_bytes(_header_claiming(2**60)), "model.safetensors", "not a readable safetensors file"),
+    ("lfs-pointer", lambda d: _weights(d).write_text(LFS_POINTER), "model.safetensors", "Git LFS pointer, not the weights file: fetch the real file (`git lfs pull`"),
+    ("weights-dir", lambda d: _replace(_weights(d), Path.mkdir), "model.safetensors", "is a directory"),
+    ("weights-fifo", lambda d: _replace(_weights(d), os.mkfifo), "model.safetensors", "not a regular file"),
+    ("weights-loop", lambda d: _replace(_weights(d), lambda p: p.symlink_to(p.name)), "model.safetensors", "Too many levels of symbolic links"),
+    ("config-list", lambda d: (d / "config.json").write_text("[]"), "config.json", "must hold a JSON object, not list"),
+    ("config-null", lambda d: (d / "config.json").write_text("null"), "config.json", "must hold a JSON object, not NoneType"),
+    ("config-latin1", lambda d: (d / "config.json").write_bytes('{"model_type": "dinov3_vit", "é": 1}'.encode("latin-1")), "config.json", "is not UTF-8 text"),
+    ("config-fifo", lambda d: _replace(d / "config.json", os.mkfifo), "config.json", "not a regular file"),
+    ("config-loop", lambda d: _replace(d / "config.json", lambda p: p.symlink_to(p.name)), "config.json", "Too many levels of symbolic links"),
+    ("rope-theta-text", _config_edit(rope_theta="fast"), "config.json", "rope_theta = 'fast' is not a finite number"),
+    ("eps-nan", _config_edit(layer_norm_eps=float("nan")), "config.json", "layer_norm_eps = nan is not a finite number"),
+    ("heads", _config_edit(num_attention_heads=5), "", "config.json describes an invalid dinov3 model: hidden_size 64 is not divisible by num_heads 5"),
+    ("mean-per-channel", lambda d: (d / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5], "image_std": [0.2, 0.2]}'), "", "image_mean and image_std need one value per channel"),
+    ("mean-text", lambda d: (d / "preprocessor_config.json").write_text('{"image_mean": "imagenet"}'), "preprocessor_config.json", "image_mean = 'imagenet' is not a list of finite numbers"),
+    ("std-zero", lambda d: (d / "preprocessor_config.json").write_text('{"image_std": [0.2, 0.0, 0.2]}'), "preprocessor_config.json", "image_std = [0.2, 0.0, 0.2] is not a list of positive numbers"),
+    ("mean-nan", lambda d: (d / "preprocessor_config.json").write_text('{"image_mean": [0.5, NaN, 0.5]}'), "preprocessor_config.json", "is not a list of finite numbers"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def broken(tiny_reference, tmp_path):
+    """``broken(edit)`` -> a copy of the tiny DINOv3 checkpoint with ``edit`` applied."""
+
+    def make(edit, name="src"):
+        d = tmp_path / name
+        shutil.copytree(tiny_reference("dinov3", "gelu"), d)
+        edit(d)
+        return d
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "file", "problem"), BROKEN_SOURCES, ids=[c[0] for c in BROKEN_SOURCES]
+)
+def test_broken_source_is_one_line_naming_the_file(broken, tmp_path, capsys, name, edit, file, problem):
+    src = broken(edit)
+    with no_hang():
+        assert convert_cli([str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"packvit-convert: error: {src / file}"), err
+    assert problem in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"], "nothing written"
+    with no_hang(), pytest.raises(pv.CheckpointError, match=re.escape(problem)):
+        convert_checkpoint(src)
+    with no_hang(), pytest.raises(pv.CheckpointError) as info:
+        pv.from_pretrained(src)
+    assert str(info.value).startswith(str(src / file)) and problem in str(info.value)
+
+
+def test_config_values_the_encoder_refuses_name_config_json(broken, tmp_path, capsys):
+    src = broken(_config_edit(hidden_act="relu6", layerscale_value=0.5))
+    assert convert_cli([str(src), str(tmp_path / "out")]) == 2
+    assert "unsupported activation 'relu6'" in capsys.readouterr().err
+
+
+def _shard_index(d: Path, shard: str) -> None:
+    state = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    keys = sorted(state)
+    save_file({k: state[k] for k in keys[1:]}, d / "model-00001-of-00002.safetensors")
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in keys[1:]} | {keys[0]: shard}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_shard_index_pointing_outside_is_refused_unread(broken, tmp_path, capsys, where):
+    outside = tmp_path / "x.safetensors"
+    save_file({"secret": torch.zeros(1)}, outside)
+    shard = "../x.safetensors" if where == "parent" else str(outside)
+    src = broken(lambda d: _shard_index(d, shard))
+    assert convert_cli([str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"names shard {shard!r}; shards must be files in the checkpoint directory itself" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_pickles_are_refused_clearly(broken, tmp_path, capsys):
+    def two_bins(d: Path) -> None:
+        state = load_file(d / "model.safetensors")
+        (d / "model.safetensors").unlink()
+        keys = sorted(state)
+        torch.save({k: state[k] for k in keys[::2]}, d / "pytorch_model-00001.bin")
+        torch.save({k: state[k] for k in keys[1::2]}, d / "pytorch_model-00002.bin")
+
+    src = broken(two_bins)
+    assert convert_cli([str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "several weight pickles (['pytorch_model-00001.bin', 'pytorch_model-00002.bin']) and no index" in err
+    )
+    assert "has no weights" not in err
+
+
+def test_nan_eps_never_converts(broken):
+    src = broken(_config_edit(layer_norm_eps=float("nan")))
+    with pytest.raises(pv.CheckpointError, match="layer_norm_eps = nan"):
+        convert_checkpoint(src)
+
+
+@pytest.mark.parametrize("layout", ["same", "inside", "contains", "symlink"])
+def test_out_overlapping_src_is_refused_and_src_kept(broken, tmp_path, capsys, layout):
+    src = broken(lambda d: None)
+    if layout == "contains":
+        src = broken(lambda d: shutil.copytree(d, d / "inner"), name="outer") / "inner"
+    out = {
+        "same": src,
+        "inside": src / "converted",
+        "contains": src.parent,
+        "symlink": tmp_path / "alias",
+    }[layout]
+    if layout == "symlink":
+        out.symlink_to(src, target_is_directory=True)
+    before = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
+    assert convert_cli([str(src), str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"packvit-convert: error: {out}: the output folder ") and "source checkpoint" in err
+    assert {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()} == before
+    assert not (src / "converted").exists()
+
+
+def test_existing_out_is_refused_before_converting(broken, tmp_path, capsys, monkeypatch):
+    import weights_convert.cli as cli
+
+    src = broken(lambda d: None)
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(cli, "convert_directory", lambda *a, **k: pytest.fail("converted before refusing"))
+    assert convert_cli([str(src), str(tmp_path / "out")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"packvit-convert: error: {tmp_path / 'out'}: already exists; pass --force to replace it\n"
+    )
+
+
+def test_save_pretrained_says_force_true(tiny_reference, tmp_path):
+    model = pv.from_pretrained(tiny_reference("dinov3", "gelu"))
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(FileExistsError, match=r"already exists; pass force=True to replace it"):
+        model.save_pretrained(tmp_path / "m")
+
+
+# A read-only OUT. chmod does not stop root, so as root the parent is made read-only with a bind mount in a
+# private mount namespace (unshare), which stops root too and disappears with the process.
+READ_ONLY_SCRIPT = """
+import sys
+import packvit_native as pv
+from weights_convert.cli import main
+src, parent = sys.argv[1], sys.argv[2]
+rc = main([src, parent + "/new"])
+rc_force = main([src, parent + "/old", "--force"])
+model = pv.from_pretrained(src)
+try:
+    model.save_pretrained(parent + "/py")
+except pv.CheckpointError as e:
+    assert isinstance(e, OSError)
+    print("python:", e)
+sys.exit(10 * rc + rc_force)
+"""
+
+
+def _run_read_only(src: Path, parent: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", READ_ONLY_SCRIPT, str(src), str(parent)]
+    if os.geteuid() != 0:
+        parent.chmod(0o555)
+        try:
+            return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        finally:
+            parent.chmod(0o755)
+    if not shutil.which("unshare"):
+        pytest.skip("running as root, where chmod does not stop writes, and unshare is not installed")
+    # "$1" is the folder, the rest the command: nothing is spliced into the shell text.
+    in_read_only = ["unshare", "--mount", "sh", "-c",
+                    'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"', "sh",
+                    str(parent)]  # fmt: skip
+    probe = subprocess.run([*in_read_only, "sh", "-c", '! touch "$0/probe" 2>/dev/null', str(parent)],
+                           capture_output=True, text=True)  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip(
+            f"running as root, where chmod does not stop writes, and no read-only mount: {probe.stderr}"
+        )
+    return subprocess.run([*in_read_only, *cmd], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_read_only_out_names_out_not_a_temp_path(tiny_reference, tmp_path):
+    src = tiny_reference("dinov3", "gelu")
+    parent = tmp_path / "ro"
+    assert convert_cli([str(src), str(parent / "old")]) == 0
+    before = (parent / "old" / "model.safetensors").read_bytes()
+    run = _run_read_only(src, parent)
+    assert run.returncode == 22, run.stderr  # both CLI runs exit 2
+    lines = run.stderr.splitlines()
+    assert lines[0].startswith(
+        f"packvit-convert: error: {parent / 'new'}: cannot write the checkpoint there: "
+    )
+    assert lines[1].startswith(
+        f"packvit-convert: error: {parent / 'old'}: cannot write the checkpoint there: "
+    )
+    assert f"python: {parent / 'py'}: cannot write the checkpoint there: " in run.stdout
+    assert ".tmp" not in run.stderr + run.stdout
+    assert (parent / "old" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in parent.iterdir()) == ["old"]
+
+
+# Our own format: a converted folder whose files are broken is reported as ours, never handed to the converter.
+BROKEN_NATIVE = [
+    ("truncated", lambda d: _weights(d).write_bytes(_weights(d).read_bytes()[:5000]), "model.safetensors", "not a readable safetensors file"),
+    ("zero-byte", lambda d: _weights(d).write_bytes(b""), "model.safetensors", "not a readable safetensors file"),
+    ("huge-header", lambda d: _weights(d).write_bytes(_header_claiming(2**60)), "model.safetensors", "not a readable safetensors file"),
+    ("lfs-pointer", lambda d: _weights(d).write_text(LFS_POINTER), "model.safetensors", "Git LFS pointer"),
+    ("weights-dir", lambda d: _replace(_weights(d), Path.mkdir), "model.safetensors", "is a directory"),
+    ("weights-fifo", lambda d: _replace(_weights(d), os.mkfifo), "model.safetensors", "not a regular file"),
+    ("weights-missing", lambda d: _weights(d).unlink(), "", "config.json but no model.safetensors"),
+    ("weights-other-model", lambda d: save_file({"norm.weight": torch.zeros(3)}, _weights(d)), "model.safetensors", "does not match its config.json"),
+    ("config-truncated", lambda d: (d / "config.json").write_text((d / "config.json").read_text()[:60]), "config.json", "is not valid JSON"),
+    ("config-unknown-field", lambda d: _native_config(d, surprise=1), "config.json", "unknown config fields: ['surprise']"),
+    ("config-heads", lambda d: _native_config(d, num_heads=5), "config.json", "not divisible by num_heads 5"),
+    ("config-eps-nan", lambda d: _native_config(d, norm_eps=float("nan")), "config.json", "norm_eps must be a positive finite number"),
+    ("config-version", lambda d: _native_config(d, format_version=99), "config.json", "unsupported packvit-native config version 99"),
+]  # fmt: skip
+
+
+def _native_config(d: Path, **changes) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_reference, tmp_path_factory):
+    out = tmp_path_factory.mktemp("native") / "converted"
+    assert convert_cli([str(tiny_reference("dinov3", "gelu")), str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "file", "problem"), BROKEN_NATIVE, ids=[c[0] for c in BROKEN_NATIVE]
+)
+def test_broken_converted_folder_is_a_checkpoint_error(converted, tmp_path, name, edit, file, problem):
+    d = tmp_path / "native"
+    shutil.copytree(converted, d)
+    edit(d)
+    with no_hang(), pytest.raises(pv.CheckpointError) as info:
+        pv.from_pretrained(d)
+    message = str(info.value)
+    assert message.startswith(str(d / file)) and problem in message, message
+    assert "model_type" not in message, "handed to the converter"
+
+
+def test_out_that_is_a_file_is_refused_even_with_force(broken, tmp_path, capsys):
+    src = broken(lambda d: None)
+    (tmp_path / "out").write_text("notes")
+    for extra in ([], ["--force"]):
+        assert convert_cli([str(src), str(tmp_path / "out"), *extra]) == 2
+        assert "exists and is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "out").read_text() == "notes"
