@@ -4,12 +4,15 @@ For every model and workload both implementations encode the same images; we rep
 achieved TFLOP/s (useful work only: padding is never counted), its fraction of a bf16 GEMM measured in the same
 run, peak memory and our/transformers ratios. transformers runs its best way for each case: sdpa attention,
 one batch per distinct image size (a single batch for uniform workloads, mostly one image at a time for mixed
-sizes), or one padded and masked batch for SigLIP2 NaFlex, which supports that.
+sizes), one padded and masked batch for SigLIP2 NaFlex, or the packed batch itself for the Qwen-VL towers,
+which take ``grid_thw`` as we do. Qwen-VL workloads use the sizes Qwen's processor gives the same images, and
+``video`` (4 clips of 16 frames at 448x448) runs for them only.
 
 Random weights at the real model sizes (the published architectures); no network needed.
 
     python benchmarks/bench.py --out benchmarks/results          # everything, ~8 minutes on an H100
     python benchmarks/bench.py --models dinov3_vitl16 --workloads mixed --backends torch,fa4
+    python benchmarks/bench.py --models qwen2_5_vl_7b,qwen3_vl_8b --workloads mixed,video --backends torch,fa4
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import packvit_native as pv
 from packvit_native.attention import available_backends
 from packvit_native.loading import build_model
+from packvit_native.preprocess import smart_size
 from weights_convert.check import transformers_class
 from weights_convert.convert import convert_loaded
 from weights_convert.presets import PRESETS, Preset
@@ -47,27 +51,46 @@ def is_naflex(spec: Preset) -> bool:
     return spec.hf_config["model_type"].startswith("siglip2")
 
 
-def workload(name: str, patch: int) -> list[tuple[int, int]]:
-    """Image sizes in patches (rows, cols). Mixed and small draw from a fixed seed."""
+def workload(name: str, config: pv.EncoderConfig) -> list[tuple[int, int, int]]:
+    """Entries as (temporal patches, rows, cols). Mixed and small draw from a fixed seed; towers that smart-resize
+    (Qwen-VL) get the sizes their processor would give those images."""
     rng = random.Random(0)
+    p, m, tp = config.patch_size, config.merge_size, config.temporal_patch_size
+
+    def grid(h: int, w: int, frames: int = 1) -> tuple[int, int, int]:
+        if m > 1:  # Qwen's processor: smart resize to whole merge blocks within its pixel budget
+            h, w = smart_size(h, w, p * m, config.resize_min_pixels or 0, config.resize_max_pixels or h * w)
+        return (max(frames // tp, 1), h // p, w // p)
+
     if name.startswith("uniform"):
-        side = int(name.removeprefix("uniform")) // patch
-        return [(side, side)] * (32 if side * patch <= 448 else 8)
+        side = int(name.removeprefix("uniform"))
+        return [grid(side, side)] * (32 if side <= 448 else 8)
     if name == "mixed":  # 32 images, each side 224-1024 px
-        return [(rng.randint(224, 1024) // patch, rng.randint(224, 1024) // patch) for _ in range(32)]
+        return [grid(rng.randint(224, 1024), rng.randint(224, 1024)) for _ in range(32)]
     if name == "small":  # 256 thumbnails, each side 64-224 px
-        return [(rng.randint(64, 224) // patch, rng.randint(64, 224) // patch) for _ in range(256)]
+        return [grid(rng.randint(64, 224), rng.randint(64, 224)) for _ in range(256)]
+    if name == "video":  # 4 clips of 16 frames, 448 x 448
+        return [grid(448, 448, frames=16)] * 4
     raise ValueError(f"unknown workload {name}")
 
 
-def useful_flops(config: pv.EncoderConfig, sizes: list[tuple[int, int]]) -> float:
-    """Forward FLOPs of the real tokens: linears 2*T*params, attention 4*sum(L^2)*D, patch embedding."""
-    d, k = config.hidden_size, config.num_prefix
-    lengths = [h * w + k for h, w in sizes]
-    t = sum(lengths)
-    mlp = (3 if config.mlp == "swiglu" else 2) * d * config.mlp_hidden
-    per_layer = 2 * t * (4 * d * d + mlp) + 4 * sum(n * n for n in lengths) * d
-    return config.num_layers * per_layer + 2 * sum(h * w for h, w in sizes) * config.patch_dim * d
+def useful_flops(model: pv.PackedVisionEncoder, grids: list[tuple[int, int, int]]) -> float:
+    """Forward FLOPs of the real tokens: linears 2*T*params, attention 4*sum(L^2)*D over each block's
+    segments (frames or windows), patch embedding and merger heads."""
+    c = model.config
+    packing = model.pack(grids)
+    d, t = c.hidden_size, packing.frames.total
+    mlp = (3 if c.mlp == "swiglu" else 2) * d * c.mlp_hidden
+    flops = 2 * packing.num_patches * c.patch_dim * d
+    for block in model.blocks:
+        lengths = packing.segmentation(block.attn.segmentation).lengths
+        flops += 2 * t * (4 * d * d + mlp) + 4 * sum(n * n for n in lengths) * d
+    group = d * c.merge_size**2
+    mergers = (c.head == "merger") + len(c.deepstack_layers)
+    flops += (
+        mergers * 2 * (packing.num_patches // c.merge_size**2) * group * (group + (c.out_hidden_size or 0))
+    )
+    return flops
 
 
 def timed(fn, min_time: float = 1.0, max_iters: int = 30, warmup: int = 2) -> float:
@@ -109,14 +132,32 @@ def build_pair(spec: Preset) -> tuple[Any, pv.PackedVisionEncoder]:
     return hf, ours
 
 
-def images_for(sizes: list[tuple[int, int]], patch: int, channels: int = 3) -> list[torch.Tensor]:
+def images_for(grids: list[tuple[int, int, int]], config: pv.EncoderConfig) -> list[torch.Tensor]:
+    """Random images ``[C, H, W]`` (clips ``[F, C, H, W]`` for entries of several temporal patches)."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    return [
-        torch.randn(channels, h * patch, w * patch, device="cuda", dtype=DTYPE, generator=g) for h, w in sizes
-    ]
+    p, tp, c = config.patch_size, config.temporal_patch_size, config.num_channels
+    out = []
+    for t, h, w in grids:
+        x = torch.randn(t * tp, c, h * p, w * p, device="cuda", dtype=DTYPE, generator=g)
+        out.append(x if t * tp > 1 else x[0])
+    return out
 
 
-def hf_runner(spec: Preset, hf: Any, images: list[torch.Tensor], patch: int):
+def takes_packed_input(spec: Preset) -> bool:
+    """Qwen-VL towers: transformers takes the packed patches and grid_thw itself."""
+    return spec.hf_config["model_type"].startswith("qwen")
+
+
+def hf_runner(spec: Preset, hf: Any, images: list[torch.Tensor], ours: pv.PackedVisionEncoder):
+    patch = ours.config.patch_size
+    if takes_packed_input(spec):
+        patches, grid = ours.patchify(images)
+        grid = grid.cuda()
+
+        def run():
+            return hf(patches, grid_thw=grid).last_hidden_state
+
+        return run, None
     if is_naflex(spec):
         patches, grid = pv.patchify(images, patch, layout="hwc")
         counts = (grid[:, 1] * grid[:, 2]).tolist()
@@ -187,16 +228,19 @@ def main() -> None:
         cfg = ours.config
         backends = available_backends("cuda")[:1] if args.backends == "auto" else args.backends.split(",")
         backends = [b for b in backends if b in available_backends("cuda")]
-        names = args.big_workloads if "7b" in key else args.workloads
+        big = key == "dinov3_vit7b16"
+        names = args.big_workloads if big else args.workloads
         compiled = None
-        if args.compile and "7b" not in key:
+        if args.compile and not big:
             compiled = copy.deepcopy(ours).compile_blocks()
         for wl in names.split(","):
-            sizes = workload(wl, cfg.patch_size)
-            images = images_for(sizes, cfg.patch_size)
-            flops = useful_flops(cfg, sizes)
-            n_tokens = sum(h * w for h, w in sizes)
-            hf_fn, padded_tokens = hf_runner(spec, hf, images, cfg.patch_size)
+            if wl == "video" and not takes_packed_input(spec):
+                continue  # only the Qwen-VL towers take clips of several temporal patches
+            sizes = workload(wl, cfg)
+            images = images_for(sizes, cfg)
+            flops = useful_flops(ours, sizes)
+            n_tokens = sum(t * h * w for t, h, w in sizes)
+            hf_fn, padded_tokens = hf_runner(spec, hf, images, ours)
             hf_s, hf_mem = measure(hf_fn)
             base = {"model": spec.title, "workload": wl, "images": len(sizes), "patches": n_tokens}
             hf_row = {**base, "impl": "transformers", "seconds": hf_s, "peak_gib": hf_mem,

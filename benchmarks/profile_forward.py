@@ -41,12 +41,15 @@ def main() -> None:
     parser.add_argument("--workload", default="mixed")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--host", action="store_true", help="also time single calls and profile the host side"
+    )
     args = parser.parse_args()
     hf, model = build_pair(MODELS[args.model])
     del hf
     if args.compile:
         model.compile_blocks()
-    images = images_for(workload(args.workload, model.config.patch_size), model.config.patch_size)
+    images = images_for(workload(args.workload, model.config), model.config)
     patches, grid = model.patchify(images)
     grid = grid.cpu()
 
@@ -72,6 +75,46 @@ def main() -> None:
         print(
             f"    {e.self_device_time_total / 1e3:7.2f} ms  x{e.count:<4} {classify(e.key):>18}  {e.key[:90]}"
         )
+    if args.host:
+        host_profile(run)
+
+
+def host_profile(run) -> None:
+    """Wall time of single calls (does it vary?) and where the host spends a call, by Python function."""
+    import cProfile
+    import pstats
+    import time
+    import warnings
+
+    walls = []
+    with torch.inference_mode():
+        for _ in range(6):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            walls.append((time.perf_counter() - start) * 1e3)
+        print("  single calls (ms):", " ".join(f"{w:.1f}" for w in walls))
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        print(
+            f"  host-device synchronisations in one call: {len(syncs)}", *sorted(set(syncs))[:5], sep="\n    "
+        )
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        prof.disable()
+    print("  host time over 3 calls, by function (tottime):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ MlpKind = Literal["mlp", "swiglu"]
 Activation = Literal["gelu", "gelu_tanh", "silu", "quick_gelu"]
 NormKind = Literal["layernorm", "rmsnorm"]
 PosEmbedKind = Literal["none", "learned", "sincos2d"]
-PositionResize = Literal["none", "bicubic", "bilinear_antialias", "bilinear_corners"]
+PositionResize = Literal["none", "bicubic", "bicubic_antialias", "bilinear_antialias", "bilinear_corners"]
 RopeKind = Literal["none", "normalized", "index"]
-HeadKind = Literal["none", "cls", "map", "attention_pool", "merger"]
+HeadKind = Literal["none", "cls", "cls_norm", "mean", "map", "attention_pool", "merger"]
 PatchLayout = Literal["chw", "hwc"]
 Resample = Literal["bilinear", "bicubic"]
 
@@ -54,7 +54,7 @@ _POSITIVE_INTS = (
 )  # fmt: skip
 _BOOLS = (
     "qkv_bias", "key_bias", "proj_bias", "mlp_bias", "patch_bias", "patch_norm", "layer_scale", "final_norm",
-    "rope_fp32",
+    "rope_fp32", "pos_embed_cls", "rope_cls", "embed_norm", "qk_norm",
 )  # fmt: skip
 _TUPLES = ("pos_grid", "image_mean", "image_std", "full_attention_blocks", "deepstack_layers")
 
@@ -96,7 +96,11 @@ class EncoderConfig:
         qkv_bias / proj_bias / mlp_bias / patch_bias: whether those linears have biases.
         key_bias: with ``qkv_bias``, whether the key projection has a bias of its own. ``False`` (DINOv3):
             the key third of the fused q/k/v bias is zero and held there (it gets no gradient).
-        patch_norm: a norm right after the patch embedding (AIMv2).
+        patch_norm: a norm right after the patch embedding, on the patch tokens (AIMv2).
+        embed_norm: a norm over the whole sequence after the embeddings (positions added, prefix tokens
+            inserted), before the first block (CLIP's and MLCD's ``pre_layrnorm``).
+        qk_norm: an RMS norm (epsilon ``norm_eps``) over all heads of q and of k, before they are split into
+            heads (InternViT-6B).
         layer_scale: layer scale on both residual branches (DINOv3).
         num_cls: class tokens at the start of every segment (0 or 1).
         num_registers: register tokens after the class token.
@@ -104,11 +108,16 @@ class EncoderConfig:
             ``"sincos2d"`` (a fixed 2D sin-cos table built per image size).
         pos_grid: ``(rows, cols)`` of a learned position table.
         pos_resize: how a learned table meets an image of another size: ``"none"`` (exact size only),
-            ``"bicubic"`` (exact at the trained size, else bicubic), ``"bilinear_antialias"`` (always resized,
-            antialiased) or ``"bilinear_corners"`` (always resized, bilinear with aligned corners).
+            ``"bicubic"`` (exact at the trained size, else bicubic), ``"bicubic_antialias"`` (the same with an
+            antialiased bicubic), ``"bilinear_antialias"`` (always resized, antialiased) or ``"bilinear_corners"``
+            (always resized, bilinear with aligned corners).
+        pos_embed_cls: the additive table has an entry of its own for the class token (CLIP, DINOv2,
+            InternViT): ``positions.cls``, added to the class token; registers get none.
         rope: the rotary position term over each patch's (row, column): ``"none"``, ``"normalized"``
             (patch centres scaled to [-1, 1] per image, angles ``2*pi*coord*freq``) or ``"index"`` (integer
-            row and column, angles ``coord*freq``). Prefix tokens get the identity rotation.
+            row and column, angles ``coord*freq``). Prefix tokens get the identity rotation, unless ``rope_cls``.
+        rope_cls: the class token has learned rotary angles of its own (``positions.cls_angles``,
+            ``head_dim / 2`` of them, used for both halves; MLCD).
         rope_theta: RoPE base period.
         rope_fp32: rotate q and k in fp32 and cast back (as Qwen-VL does), instead of in the activation dtype.
         window_size: side of the attention windows in patches (a multiple of ``merge_size``); ``0`` for none.
@@ -116,10 +125,13 @@ class EncoderConfig:
             right and bottom edges may be partial.
         full_attention_blocks: with windows, the (0-based) blocks that attend over whole frames instead.
         final_norm: a norm after the last block.
-        head: pooled output: ``"none"``, ``"cls"`` (normed class token), ``"map"`` (SigLIP multi-head
-            attention pooling), ``"attention_pool"`` (AIMv2 attention pooling) or ``"merger"`` (one row per
+        head: pooled output: ``"none"``, ``"cls"`` (the class token after the final norm), ``"cls_norm"`` (the
+            class token through a norm of the head's own, CLIP's ``post_layernorm``), ``"mean"`` (the mean of
+            each frame's patch tokens after the final norm), ``"map"`` (SigLIP multi-head attention pooling), ``"attention_pool"`` (AIMv2 attention pooling) or ``"merger"`` (one row per
             ``merge_size x merge_size`` block: norm, then an MLP over the block's concatenated tokens).
         out_hidden_size: output width of the merger (and of the deepstack mergers).
+        projection_dim: width of a bias-free projection of the pooled output (CLIP's ``visual_projection``),
+            returned as ``image_embeds``; ``None`` for none.
         deepstack_layers: layers (numbered as ``hidden_states``: ``i`` is block ``i``'s output) whose tokens
             also go through a merger of their own, normed after the blocks are concatenated (Qwen3-VL).
         patch_layout: element order inside an input patch: ``"chw"`` (channel, frame, row, col: a Conv
@@ -157,21 +169,26 @@ class EncoderConfig:
     mlp_bias: bool = True
     patch_bias: bool = True
     patch_norm: bool = False
+    embed_norm: bool = False
+    qk_norm: bool = False
     layer_scale: bool = False
     num_cls: int = 0
     num_registers: int = 0
     pos_embed: PosEmbedKind = "none"
     pos_grid: tuple[int, int] | None = None
     pos_resize: PositionResize = "none"
+    pos_embed_cls: bool = False
     rope: RopeKind = "none"
     rope_theta: float = 100.0
     rope_fp32: bool = False
+    rope_cls: bool = False
     window_size: int = 0
     full_attention_blocks: tuple[int, ...] = ()
     final_norm: bool = True
     head: HeadKind = "none"
     out_hidden_size: int | None = None
     deepstack_layers: tuple[int, ...] = ()
+    projection_dim: int | None = None
     patch_layout: PatchLayout = "chw"
     merge_size: int = 1
     resample: Resample = "bilinear"
@@ -244,8 +261,18 @@ class EncoderConfig:
             raise ValueError("num_cls and num_registers must be integers")
         if self.num_cls not in (0, 1) or self.num_registers < 0:
             raise ValueError("num_cls must be 0 or 1 and num_registers >= 0")
-        if self.head == "cls" and not self.num_cls:
-            raise ValueError('head="cls" needs a class token (num_cls=1)')
+        if self.head in ("cls", "cls_norm") and not self.num_cls:
+            raise ValueError(f'head="{self.head}" needs a class token (num_cls=1)')
+        if self.pos_embed_cls and (self.pos_embed != "learned" or not self.num_cls):
+            raise ValueError("pos_embed_cls needs a learned position table and a class token")
+        if self.rope_cls and (self.rope == "none" or not self.num_cls):
+            raise ValueError("rope_cls needs rotary positions and a class token")
+        if self.projection_dim is not None and (
+            not _is_int(self.projection_dim) or self.projection_dim < 1 or self.head in ("none", "merger")
+        ):
+            raise ValueError(
+                f"projection_dim must be a positive integer on a pooling head, got {self.projection_dim!r}"
+            )
         self._validate_windows()
         self._validate_mergers()
         if not _is_number(self.drop_path_rate) or not 0.0 <= self.drop_path_rate < 1.0:

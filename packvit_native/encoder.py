@@ -45,6 +45,8 @@ class EncoderOutput:
         layers: the layers asked for with ``output_layers``, in the order asked, or ``None``.
         deepstack_features: one ``[N / m^2, out_hidden_size]`` tensor per ``config.deepstack_layers`` entry (that
             layer's tokens through its own merger), or ``None`` for a model without them.
+        image_embeds: ``[S, projection_dim]``, the pooled output through the model's projection (CLIP's
+            ``visual_projection``), or ``None`` for a model without one.
 
     With ``return_prefix=True`` every per-token tensor above holds the full sequence ``[N + S*k, D]``.
     """
@@ -56,6 +58,7 @@ class EncoderOutput:
     packing: Packing
     layers: tuple[Tensor, ...] | None = None
     deepstack_features: tuple[Tensor, ...] | None = None
+    image_embeds: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -93,11 +96,17 @@ class PackedVisionEncoder(nn.Module):
         self.patch_norm = make_norm(config, **dd) if config.patch_norm else nn.Identity()
         self.positions = Positions(config, **dd)
         self.prefix = nn.Parameter(torch.zeros(config.num_prefix, d, **dd)) if config.num_prefix else None
+        self.embed_norm = make_norm(config, **dd) if config.embed_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(config, i, **dd) for i in range(config.num_layers))
         self.norm = make_norm(config, **dd) if config.final_norm else nn.Identity()
         self.head = build_head(config, **dd)
         self.deepstack = nn.ModuleList(
             Merger(config, postshuffle_norm=True, **dd) for _ in config.deepstack_layers
+        )
+        self.projection = (
+            nn.Linear(d, config.projection_dim, bias=False, **dd)
+            if config.projection_dim is not None
+            else None
         )
 
     @property
@@ -223,9 +232,13 @@ class PackedVisionEncoder(nn.Module):
         """The stem: ``[N, C*T*p*p]`` pixels -> ``[T, D]`` block sequence, and what the blocks share."""
         x = self.patch_norm(self.patch_embed(patches.to(self.patch_embed.weight.dtype)))  # [N, D]
         terms = self.positions(packing, x.dtype)
+        prefix = self.prefix
         if terms.additive is not None:
             x = x + terms.additive.to(x.dtype)  # cast before the add, as the references do
-        x = packing.to_blocks(x, self.prefix)  # [T, D]: prefix tokens inserted, or windows made contiguous
+        if terms.cls is not None:
+            prefix = torch.cat([prefix[:1] + terms.cls.to(prefix.dtype), prefix[1:]])
+        x = packing.to_blocks(x, prefix)  # [T, D]: prefix tokens inserted, or windows made contiguous
+        x = self.embed_norm(x)
         segmentations = {"frames": packing.frames}
         if packing.windows is not None:
             segmentations["windows"] = packing.windows
@@ -279,14 +292,16 @@ class PackedVisionEncoder(nn.Module):
                 merger(packing.patch_tokens(packing.to_sequence(kept[i])))
                 for merger, i in zip(self.deepstack, self.config.deepstack_layers, strict=True)
             )
+        pooled = self.head(normed, packing, backend) if self.head is not None else None
         return EncoderOutput(
             last_hidden_state=last if request.return_prefix else packing.patch_tokens(last),
             prefix_tokens=packing.prefix_tokens(last),
-            pooler_output=self.head(normed, packing, backend) if self.head is not None else None,
+            pooler_output=pooled,
             hidden_states=hidden,
             packing=packing,
             layers=self._picked(kept, packing, request),
             deepstack_features=deepstack,
+            image_embeds=self.projection(pooled) if self.projection is not None else None,
         )
 
     def _request(

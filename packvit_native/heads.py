@@ -17,16 +17,33 @@ from torch import Tensor, nn
 from .attention import varlen_attention
 from .config import EncoderConfig
 from .layers import Mlp, make_norm
-from .packing import Packing, Segments
+from .packing import Packing, Segments, _to_device
 
-__all__ = ["AttentionPoolHead", "ClsHead", "MapHead", "Merger", "MergerHead", "build_head"]
+__all__ = ["AttentionPoolHead", "ClsHead", "MapHead", "MeanHead", "Merger", "MergerHead", "build_head"]
 
 
 class ClsHead(nn.Module):
-    """The final-normed class token of each segment (DINOv3's pooler output)."""
+    """The class token of each segment: after the final norm (DINOv3), or with ``own_norm`` through a norm of
+    the head's own (CLIP's and MLCD's ``post_layernorm``, whose blocks have no final norm)."""
+
+    def __init__(self, config: EncoderConfig, own_norm: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        self.norm = make_norm(config, device=device, dtype=dtype) if own_norm else nn.Identity()
 
     def forward(self, x: Tensor, packing: Packing, backend: str) -> Tensor:
-        return packing.prefix_tokens(x)[:, 0]  # [S, D]
+        return self.norm(packing.prefix_tokens(x)[:, 0])  # [S, D]
+
+
+class MeanHead(nn.Module):
+    """The mean of each segment's patch tokens (InternViT's mean pooling), one vector per frame."""
+
+    def forward(self, x: Tensor, packing: Packing, backend: str) -> Tensor:
+        tokens = packing.patch_tokens(x)  # [N, D]
+        sums = tokens.new_zeros(packing.num_segments, tokens.shape[-1]).index_add_(
+            0, packing.patch_segment, tokens
+        )
+        lengths = _to_device(torch.tensor(packing.frame_patches.lengths, dtype=tokens.dtype), tokens.device)
+        return sums / lengths[:, None]  # [S, D]
 
 
 class _QueryPool(nn.Module):
@@ -123,8 +140,10 @@ class MergerHead(Merger):
 
 
 def build_head(config: EncoderConfig, device=None, dtype=None) -> nn.Module | None:
-    if config.head == "cls":
-        return ClsHead()
+    if config.head in ("cls", "cls_norm"):
+        return ClsHead(config, own_norm=config.head == "cls_norm", device=device, dtype=dtype)
+    if config.head == "mean":
+        return MeanHead()
     if config.head == "map":
         return MapHead(config, device=device, dtype=dtype)
     if config.head == "attention_pool":

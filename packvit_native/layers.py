@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import varlen_attention
 from .config import EncoderConfig
 from .packing import Segments
+from .rope_kernel import fused_rope_available, rope_fused
 
 __all__ = [
     "Attention",
@@ -165,7 +166,9 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` ``[T, H, Dh]`` by angles whose cos/sin are ``[T, 1, Dh]`` (halves layout), in the dtype of
-    the angles, and return it in the dtype of ``x``."""
+    the angles (the fused CUDA kernel: in fp32), and return it in the dtype of ``x``."""
+    if fused_rope_available(x, cos, sin):
+        return rope_fused(x, cos, sin)
     xr = x.to(cos.dtype)
     return (xr * cos + _rotate_half(xr) * sin).to(x.dtype)
 
@@ -186,6 +189,13 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(d, 3 * d, bias=config.qkv_bias, device=device, dtype=dtype)
+        # InternViT-6B norms q and k over all heads at once, before they are split into heads.
+        qk_norm = (
+            (lambda: RMSNorm(d, config.norm_eps, device=device, dtype=dtype))
+            if config.qk_norm
+            else nn.Identity
+        )
+        self.q_norm, self.k_norm = qk_norm(), qk_norm()
         self.proj = nn.Linear(d, d, bias=config.proj_bias, device=device, dtype=dtype)
         # A source without a key bias (DINOv3) gets a zero key slice in the fused bias, so one linear serves.
         # Softmax ignores a key bias without RoPE (it adds the same q.b to every score of a query), but after
@@ -203,6 +213,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, ctx: BlockContext) -> Tensor:
         qkv = self._qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # [T, 3, H, Dh]
         q, k, v = qkv.unbind(1)  # [T, H, Dh] each
+        q = self.q_norm(q.flatten(1)).view_as(q)
+        k = self.k_norm(k.flatten(1)).view_as(k)
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         segments = ctx.segmentations[self.segmentation]

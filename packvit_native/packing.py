@@ -31,6 +31,7 @@ reuse the same metadata instead of recomputing it (or reading ``max_seqlen`` bac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -149,14 +150,21 @@ def check_merge_size(grid: tuple[tuple[int, int, int], ...], merge_size: int) ->
             )
 
 
-def _patch_position(local: Tensor, w: Tensor, merge_size: int) -> tuple[Tensor, Tensor]:
-    """(row, col) in its frame of the patch at index ``local`` of a frame ``w`` patches wide."""
-    if merge_size == 1:
-        return local // w, local % w
+@functools.lru_cache(maxsize=256)
+def _frame_coords(h: int, w: int, merge_size: int) -> Tensor:
+    """``[h*w, 4]`` int32 (row, col, h, w) of a frame's patches in token order (row-major or merge order).
+
+    Cached per frame size: a batch of mixed sizes repeats a few sizes, and building from cached tables is much
+    cheaper on the host than dividing every token's index.
+    """
     m = merge_size
-    block, inner = local // (m * m), local % (m * m)
-    blocks_per_row = w // m
-    return (block // blocks_per_row) * m + inner // m, (block % blocks_per_row) * m + inner % m
+    rows = torch.arange(h, dtype=torch.int32)[:, None].expand(h, w)
+    cols = torch.arange(w, dtype=torch.int32)[None, :].expand(h, w)
+    # [h/m, m, w/m, m] -> [h/m, w/m, m, m]: merge blocks row-major, each block's patches row-major
+    order = (0, 2, 1, 3)
+    rows = rows.reshape(h // m, m, w // m, m).permute(order).flatten()
+    cols = cols.reshape(h // m, m, w // m, m).permute(order).flatten()
+    return torch.stack([rows, cols, torch.full_like(rows, h), torch.full_like(rows, w)], dim=1)
 
 
 def _window_order(
@@ -253,17 +261,14 @@ class Packing:
         patch_lengths = tuple(h * w for h, w in frame_sizes)
         num_segments = len(frame_sizes)
 
-        sizes = torch.tensor(frame_sizes, dtype=torch.int64)  # [S, 2]
         lengths = torch.tensor(patch_lengths, dtype=torch.int64)  # [S]
         seg_of_patch = torch.repeat_interleave(torch.arange(num_segments), lengths)  # [N]
         seg_start = torch.cumsum(lengths, 0) - lengths  # [S]
-        local = torch.arange(int(lengths.sum())) - seg_start[seg_of_patch]  # [N] index inside the frame
-        h, w = sizes[seg_of_patch].unbind(1)
-        coords = torch.stack([*_patch_position(local, w, merge_size), h, w], dim=1).to(torch.int32)  # [N, 4]
+        coords = torch.cat([_frame_coords(h, w, merge_size) for h, w in frame_sizes])  # [N, 4]
 
         patch_rows = prefix_rows = block_order = block_rows = windows = None
         if num_prefix:
-            patch_rows = _to_device(torch.arange(len(local)) + (seg_of_patch + 1) * num_prefix, device)
+            patch_rows = _to_device(torch.arange(len(coords)) + (seg_of_patch + 1) * num_prefix, device)
             seg_token_start = seg_start + torch.arange(num_segments) * num_prefix  # [S]
             prefix_rows = _to_device((seg_token_start[:, None] + torch.arange(num_prefix)).flatten(), device)
         if window_size:

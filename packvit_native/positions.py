@@ -7,8 +7,9 @@ is there and hands the angles to the blocks; it never asks which kind of encodin
 Additive terms (``config.pos_embed``):
 
 - ``"learned"``: a ``rows x cols`` table, resized per distinct image size as ``config.pos_resize`` says
-  (SigLIP's bicubic ``interpolate_pos_encoding``, SigLIP2 NaFlex's antialiased bilinear, Qwen3-VL's bilinear
-  with aligned corners) or used at its trained size only.
+  (SigLIP's, CLIP's and DINOv2's bicubic ``interpolate_pos_encoding``, DINOv2-with-registers' antialiased
+  bicubic, SigLIP2 NaFlex's antialiased bilinear, Qwen3-VL's bilinear with aligned corners) or used at its
+  trained size only; with ``config.pos_embed_cls`` one more entry for the class token, never resized.
 - ``"sincos2d"``: AIMv2-native's fixed 2D sin-cos table, built per image size.
 
 Rotary angles (``config.rope``), from each patch's own (row, col), so any token order inside a frame is right:
@@ -19,7 +20,7 @@ Rotary angles (``config.rope``), from each patch's own (row, col), so any token 
 
 Both use frequencies ``theta ** -(4i / head_dim)`` and the same layout: row angles, then column angles, the
 whole vector tiled twice, so the rotation pairs channel ``j`` with ``j + head_dim/2`` (rotate-half). Prefix
-tokens get the identity rotation.
+tokens get the identity rotation, or with ``config.rope_cls`` the class token its own learned angles (MLCD).
 
 Tables that depend only on the image size are built in fp32 per *distinct* size and gathered into packed order
 with one index; nothing here runs per layer.
@@ -47,12 +48,14 @@ class PositionTerms:
 
     Attributes:
         additive: ``[N, D]`` fp32 term added to the patch tokens (input order), or ``None``.
+        cls: ``[1, D]`` fp32 term added to the class token (its entry of a learned table), or ``None``.
         rotary: ``(cos, sin)``, each ``[T, 1, head_dim]`` over the block sequence (identity on prefix tokens),
             in the dtype q and k are rotated in, or ``None``.
     """
 
     additive: Tensor | None = None
     rotary: tuple[Tensor, Tensor] | None = None
+    cls: Tensor | None = None
 
 
 def _size_table_rows(packing: Packing) -> tuple[tuple[tuple[int, int], ...], Tensor]:
@@ -90,7 +93,8 @@ SINCOS_TEMPERATURE = 10000.0
 class Positions(nn.Module):
     """Every position term of a model (see the module docstring); ``forward`` gives :class:`PositionTerms`.
 
-    The learned table, when there is one, is this module's ``weight`` ``[rows * cols, D]``.
+    The learned table, when there is one, is this module's ``weight`` ``[rows * cols, D]`` (and ``cls``
+    ``[1, D]``, the class token's entry); MLCD's class-token angles are ``cls_angles`` ``[1, head_dim / 2]``.
     transformers resizes learned tables in fp32 on the CPU but in the weight dtype on a GPU; we always resize
     in fp32, so a bf16 GPU run is closer to the fp32 result than the reference.
     """
@@ -98,13 +102,17 @@ class Positions(nn.Module):
     def __init__(self, config: EncoderConfig, device=None, dtype=None) -> None:
         super().__init__()
         self.config = config
-        self.weight = None
+        self.weight = self.cls = self.cls_angles = None
         if config.pos_embed == "learned":
             rows, cols = config.pos_grid
             self.weight = nn.Parameter(
                 torch.empty(rows * cols, config.hidden_size, device=device, dtype=dtype)
             )
             nn.init.normal_(self.weight, std=0.02)
+        if config.pos_embed_cls:
+            self.cls = nn.Parameter(torch.zeros(1, config.hidden_size, device=device, dtype=dtype))
+        if config.rope_cls:
+            self.cls_angles = nn.Parameter(torch.zeros(1, config.head_dim // 2, device=device, dtype=dtype))
         self._additive = {"none": None, "learned": self._learned, "sincos2d": self._sincos}[config.pos_embed]
         self._coords = {"none": None, "normalized": self._normalized_coords, "index": self._index_coords}[
             config.rope
@@ -122,7 +130,7 @@ class Positions(nn.Module):
             rotary = self._rotary(
                 self._coords(packing), packing, torch.float32 if self.config.rope_fp32 else dtype
             )
-        return PositionTerms(additive, rotary)
+        return PositionTerms(additive, rotary, None if self.cls is None else self.cls.float())
 
     def check_sizes(self, packing: Packing) -> None:
         """Refuse image sizes a fixed-size learned table cannot take."""
@@ -138,11 +146,12 @@ class Positions(nn.Module):
     def _learned(self, h: int, w: int, device: torch.device) -> Tensor:
         gh, gw = self.config.pos_grid
         resize = self.config.pos_resize
-        if (h, w) == (gh, gw) and resize in ("none", "bicubic"):
+        if (h, w) == (gh, gw) and resize in ("none", "bicubic", "bicubic_antialias"):
             return self.weight.float()
         grid = self.weight.float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # [1, D, gh, gw]
-        if resize == "bicubic":
-            out = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        if resize in ("bicubic", "bicubic_antialias"):
+            antialias = resize == "bicubic_antialias"
+            out = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, antialias=antialias)
         elif resize == "bilinear_antialias":
             out = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         else:
@@ -193,7 +202,9 @@ class Positions(nn.Module):
         dh = self.config.head_dim
         freqs = 1.0 / self.config.rope_theta ** self._exponents(dh, coords.device)  # [Dh/4]
         angles = (coords[:, :, None] * freqs).flatten(1).tile(2)  # [N, Dh]: row angles, col angles, twice
-        ones = angles.new_ones(packing.num_prefix, dh)
-        cos = packing.to_blocks(angles.cos(), ones)  # prefix rows: identity rotation
-        sin = packing.to_blocks(angles.sin(), ones.zero_())
+        prefix = angles.new_zeros(packing.num_prefix, dh)  # prefix rows: identity rotation (angle 0) ...
+        if self.cls_angles is not None:  # ... or the class token's own
+            prefix = torch.cat([self.cls_angles.float().tile(2), prefix[1:]])
+        cos = packing.to_blocks(angles.cos(), prefix.cos())
+        sin = packing.to_blocks(angles.sin(), prefix.sin())
         return cos.to(dtype)[:, None], sin.to(dtype)[:, None]

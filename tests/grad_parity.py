@@ -31,6 +31,8 @@ def output_weights(model: pv.PackedVisionEncoder, images: list[Tensor], seed: in
     }
     if out.pooler_output is not None:
         weights["pooler_output"] = torch.randn(out.pooler_output.shape, generator=g)
+    if out.image_embeds is not None:
+        weights["image_embeds"] = torch.randn(out.image_embeds.shape, generator=g)
     for j, feature in enumerate(out.deepstack_features or ()):
         weights[f"deepstack.{j}"] = torch.randn(feature.shape, generator=g)
     return weights
@@ -66,6 +68,8 @@ def reference_loss(
         if "pooler_output" in weights:
             rows = slice(merged, merged + m) if c.head == "merger" else slice(seg, seg + t)
             total = total + (weights["pooler_output"][rows] * ref["pooler_output"]).sum()
+        if "image_embeds" in weights:
+            total = total + (weights["image_embeds"][seg : seg + t] * ref["image_embeds"]).sum()
         for j, feature in enumerate(ref.get("deepstack_features") or ()):
             total = total + (weights[f"deepstack.{j}"][merged : merged + m] * feature).sum()
         start, seg, merged = start + n, seg + t, merged + m

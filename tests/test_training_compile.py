@@ -19,12 +19,25 @@ BATCHES = [
     [(3, 5, 5), (1, 2, 9)],
     [(1, 8, 3), (2, 2, 6), (1, 4, 4)],
 ]
+# A Qwen2.5-VL-shaped tower: temporal patches, windowed blocks next to a full one, RoPE in fp32, a merger head.
+WINDOWED = EncoderConfig(
+    family="qwen2_5_vl", patch_size=4, temporal_patch_size=2, hidden_size=32, num_layers=3, num_heads=2,
+    mlp_hidden=48, mlp="swiglu", activation="silu", norm="rmsnorm", patch_bias=False, rope="index",
+    rope_theta=10000.0, rope_fp32=True, window_size=4, full_attention_blocks=(1,), merge_size=2, final_norm=False,
+    head="merger", out_hidden_size=24,
+)  # fmt: skip
+WINDOWED_BATCHES = [
+    [(1, 2, 6), (2, 2, 2)],
+    [(2, 4, 6), (1, 2, 2)],
+    [(1, 10, 6), (1, 2, 8), (1, 4, 4)],
+    [(1, 6, 6)],
+]
 
 
 def _step(model, grid, seed):
     """A training forward and backward under a fixed seed; returns the output and the parameter gradients."""
     g = torch.Generator().manual_seed(seed)
-    patches = torch.randn(sum(t * h * w for t, h, w in grid), CONFIG.patch_dim, generator=g)
+    patches = torch.randn(sum(t * h * w for t, h, w in grid), model.config.patch_dim, generator=g)
     model.zero_grad()
     torch.manual_seed(seed)
     out = model(patches, torch.tensor(grid), return_dict=True)
@@ -69,16 +82,22 @@ def test_activation_checkpointing_same_numbers_less_memory(model, every):
         model.set_activation_checkpointing(-1)
 
 
-@pytest.mark.parametrize("checkpointing", [0, 2])
-def test_compiled_blocks_one_graph_no_recompiles(model, checkpointing):
+@pytest.mark.parametrize(
+    ("config", "batches", "checkpointing"),
+    [(CONFIG, BATCHES, 0), (CONFIG, BATCHES, 2), (WINDOWED, WINDOWED_BATCHES, 0)],
+    ids=["prefix", "prefix-checkpointed", "windowed-merger"],
+)
+def test_compiled_blocks_one_graph_no_recompiles(config, batches, checkpointing):
     """fullgraph: no graph break inside a block; new token totals and segment counts reuse the graph."""
+    torch.manual_seed(0)
+    model = pv.PackedVisionEncoder(config, attn_backend="sdpa").train()
     eager = copy.deepcopy(model)
     model.set_activation_checkpointing(checkpointing)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
     model.compile_blocks(backend=counter, fullgraph=True)
     compiles = []
-    for seed, grid in enumerate(BATCHES):
+    for seed, grid in enumerate(batches):
         out_a, grads_a = _step(eager, grid, seed)
         out_b, grads_b = _step(model, grid, seed)
         torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)

@@ -18,6 +18,19 @@ CASES = [
     ("siglip2", "default"),
     ("qwen2_5_vl", "vlm"),
     ("qwen3_vl", "vlm"),
+    ("dinov2", "default"),
+    ("dinov2", "registers"),
+    ("dinov2", "swiglu"),
+    ("mlcd", "default"),
+    ("internvl", "vlm"),
+    ("internvl", "vision"),
+    ("internvl", "qk_norm_rms"),
+    ("clip", "default"),
+    ("clip", "with_projection"),
+    ("clip", "two_tower"),
+    ("metaclip_2", "default"),
+    ("metaclip_2", "with_projection"),
+    ("metaclip_2", "two_tower"),
 ]
 
 

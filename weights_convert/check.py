@@ -20,13 +20,18 @@ import torch
 from torch import Tensor
 
 import packvit_native as pv
+from packvit_native.errors import CheckpointError
 from packvit_native.io import save_native
 
 from .convert import FAMILIES, convert_checkpoint, describe_dropped, family_named
-from .errors import ConversionError
+from .families.common import no_token_id_warnings
 from .sources import read_checkpoint
 
 __all__ = ["compare_with_reference", "load_reference", "mixed_batch", "parity_images", "save_tiny_reference"]
+
+EXIT_MISMATCH = 1  # the comparison ran and a difference exceeds --atol
+EXIT_ERROR = 2  # bad arguments, transformers missing, or a checkpoint that cannot be read or converted
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 # (frames, rows, cols) in units of merge blocks: square, non-square both ways, a single block, a 2-frame clip,
 # a large one. Frames count temporal patches.
@@ -37,15 +42,19 @@ def save_tiny_reference(family: str, variant: str, out_dir: Path, seed: int = 0)
     """Build a small transformers model of ``family`` with seeded random weights and save_pretrained it.
 
     transformers initialises biases to zero and norm weights to one; those are perturbed too, so that a bias
-    or norm weight mapped to the wrong place cannot go unnoticed. Learned query tokens (``[1, 1, D]``) get unit
-    scale, so that pooling heads attend sharply enough for a wrong attention to show.
+    or norm weight mapped to the wrong place cannot go unnoticed. Tensors stored ``[1, n, D]`` (learned query,
+    class and register tokens, some position tables) get unit scale, so that pooling heads attend sharply
+    enough for a wrong attention to show, and registers or positions swapped or resized wrongly stand out.
     """
     import transformers
 
     fam = family_named(family)
     hf_cfg = fam.tiny_hf_config(variant)
-    config_cls = transformers.AutoConfig.for_model(hf_cfg["model_type"]).__class__
-    cfg = config_cls(**{k: v for k, v in hf_cfg.items() if k not in ("model_type", "architectures")})
+    # The class by name: AutoConfig.for_model would build a throwaway default config first, and SigLIP's
+    # default text config fails transformers' own token-id check (a warning about a config we never use).
+    config_cls = transformers.CONFIG_MAPPING[hf_cfg["model_type"]]
+    with no_token_id_warnings():  # transformers' own default text config, see there
+        cfg = config_cls(**{k: v for k, v in hf_cfg.items() if k not in ("model_type", "architectures")})
     torch.manual_seed(seed)
     architectures = hf_cfg.get("architectures")
     model = (
@@ -57,7 +66,7 @@ def save_tiny_reference(family: str, variant: str, out_dir: Path, seed: int = 0)
         for param in model.parameters():
             if param.ndim == 1:
                 param.add_(torch.randn_like(param), alpha=0.1)
-            elif param.ndim == 3 and param.shape[:2] == (1, 1):
+            elif param.ndim == 3 and param.shape[0] == 1:  # tokens and tables stored [1, n, D]
                 param.add_(torch.randn_like(param))
     model.save_pretrained(out_dir)
     return out_dir
@@ -134,6 +143,8 @@ def compare_with_reference(
             pooled = slice(merged, merged + m) if merged_rows else slice(seg, seg + t)
             if ref.get("pooler_output") is not None:
                 row["pooler_output"] = _diff(ours.pooler_output[pooled], ref["pooler_output"])
+            if ref.get("image_embeds") is not None:
+                row["image_embeds"] = _diff(ours.image_embeds[seg : seg + t], ref["image_embeds"])
             if ref.get("deepstack_features"):
                 row["deepstack_features"] = max(
                     _diff(a[merged : merged + m], b)
@@ -181,25 +192,31 @@ def main(argv: list[str] | None = None) -> int:
             "pip install 'packvit-native[test]' (or pip install transformers==5.17.0)",
             file=sys.stderr,
         )
-        return 2
-
+        return EXIT_ERROR
     transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    try:
+        return _check(args.src, args.family, variant, args.atol)
+    except CheckpointError as e:
+        print(f"packvit-check: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("packvit-check: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _check(src: str | None, family: str, variant: str, atol: float) -> int:
+    """Convert ``src`` (or a tiny reference of ``family``/``variant``), compare, print the table; 0 or 1."""
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            if args.src is None:
-                src = save_tiny_reference(args.family, variant, Path(tmp) / "reference")
-                print(f"built a tiny {args.family} ({variant}) with transformers, seed 0: {src.name}")
-            else:
-                src = read_checkpoint(args.src).path
-            config, state, dropped = convert_checkpoint(src, dtype=torch.float32)
-            if dropped:
-                print(describe_dropped(dropped))
-            out = save_native(Path(tmp) / "converted", config, state)
-            hf_model = load_reference(src)
-        except ConversionError as e:
-            print(f"packvit-check: error: {e}", file=sys.stderr)
-            return 2
+        if src is None:
+            path = save_tiny_reference(family, variant, Path(tmp) / "reference")
+            print(f"built a tiny {family} ({variant}) with transformers, seed 0: {path.name}")
+        else:
+            path = read_checkpoint(src).path
+        config, state, dropped = convert_checkpoint(path, dtype=torch.float32)
+        if dropped:
+            print(describe_dropped(dropped))
+        out = save_native(Path(tmp) / "converted", config, state)
+        hf_model = load_reference(path)
         model = pv.from_pretrained(out, attn_backend="sdpa", dtype=torch.float32)
         images = parity_images(config)
         rows = compare_with_reference(model, hf_model, images)
@@ -212,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"  {r['grid']:>9}  " + "  ".join(f"{r[k]:18.2e}" for k in keys))
     worst = max(r[k] for r in rows for k in keys)
-    ok = worst <= args.atol
-    print(f"max abs difference {worst:.2e} {'<=' if ok else '>'} {args.atol:.0e}: {'PASS' if ok else 'FAIL'}")
-    return 0 if ok else 1
+    ok = worst <= atol
+    print(f"max abs difference {worst:.2e} {'<=' if ok else '>'} {atol:.0e}: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else EXIT_MISMATCH
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ Optional
 ``qwen2_5_vl.py`` and ``qwen3_vl.py`` are complete examples of a family with its own stem, windows and heads.
 """
 
-from . import aimv2, dinov3, qwen2_5_vl, qwen3_vl, siglip, siglip2
+from . import aimv2, clip, dinov2, dinov3, internvl, metaclip_2, mlcd, qwen2_5_vl, qwen3_vl, siglip, siglip2
 
-FAMILIES = (dinov3, aimv2, siglip, siglip2, qwen2_5_vl, qwen3_vl)
+FAMILIES = (dinov3, aimv2, siglip, siglip2, qwen2_5_vl, qwen3_vl, dinov2, clip, metaclip_2, mlcd, internvl)
 
 __all__ = ["FAMILIES"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,11 +19,15 @@ __all__ = [
     "activation",
     "image_stats",
     "load_tower_reference",
+    "load_vlm_tower_reference",
+    "no_token_id_warnings",
     "per_frame",
     "require",
     "square",
     "tower_config",
     "tower_state",
+    "vlm_tower_keys",
+    "vlm_tower_tensors",
     "with_defaults",
 ]
 
@@ -131,6 +138,32 @@ def per_frame(
     return forward
 
 
+_TOKEN_ID_WARNING = re.compile(
+    r"Model config: \w+_token_id must be `None` or an integer within the vocabulary"
+)
+
+
+def _not_a_token_id_warning(record: logging.LogRecord) -> bool:
+    return not _TOKEN_ID_WARNING.match(record.getMessage())
+
+
+@contextmanager
+def no_token_id_warnings() -> Iterator[None]:
+    """Drop transformers' "token id outside the vocabulary" warnings while a reference is built or loaded.
+
+    transformers 5.17 warns about a config nobody uses: giving a SigLIP/SigLIP2 two-tower config its text
+    config runs a type check whose error text calls ``repr``, which builds a default ``SiglipTextConfig``,
+    and that default (bos 49406, vocabulary 32000) fails transformers' own token-id check. A parity check
+    never runs the text tower, so its token ids cannot matter; only this one message is dropped, only here.
+    """
+    logger = logging.getLogger("transformers.configuration_utils")  # where the record is made
+    logger.addFilter(_not_a_token_id_warning)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_a_token_id_warning)
+
+
 def load_tower_reference(ckpt: Checkpoint, hf_class: str) -> Any:
     """transformers' vision model of a vision-only or two-tower checkpoint, fp32, eval mode, SDPA attention."""
     import transformers
@@ -138,8 +171,61 @@ def load_tower_reference(ckpt: Checkpoint, hf_class: str) -> Any:
     if "vision_config" in ckpt.config:
         # A two-tower checkpoint: load the whole model and keep its vision tower (a vision-only class would
         # silently load nothing from it).
-        full = transformers.AutoModel.from_pretrained(ckpt.path, attn_implementation="sdpa")
+        with no_token_id_warnings():
+            full = transformers.AutoModel.from_pretrained(ckpt.path, attn_implementation="sdpa")
         return full.vision_model.eval().float()
     return (
         getattr(transformers, hf_class).from_pretrained(ckpt.path, attn_implementation="sdpa").eval().float()
     )
+
+
+# A vision tower inside a vision-language checkpoint (config.json with a vision_config): its tensors sit under
+# one of a few prefixes, and the language model beside it is never read.
+
+
+def vlm_tower_keys(keys: Iterable[str], cfg: dict[str, Any], prefixes: tuple[str, ...]) -> set[str]:
+    """The tower's tensor names of a vision-language checkpoint; every name of a tower saved alone."""
+    keys = list(keys)
+    if "vision_config" not in cfg:
+        return set(keys)
+    return {k for k in keys if k.startswith(prefixes)}
+
+
+def vlm_tower_tensors(
+    state: dict[str, Tensor], cfg: dict[str, Any], prefixes: tuple[str, ...]
+) -> dict[str, Tensor]:
+    """The tower's tensors with their prefix removed; a key under two prefixes, or none, is an error."""
+    if "vision_config" not in cfg:
+        return state
+    spelled = "/".join(prefixes)
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            raise ConversionError(f"{key} is not part of the vision tower ({spelled}*)")
+        if key.removeprefix(prefix) in out:
+            raise ConversionError(f"{key.removeprefix(prefix)} appears under more than one of {spelled}")
+        out[key.removeprefix(prefix)] = value
+    if not out:
+        raise ConversionError(f"this checkpoint has no vision tower tensors ({spelled}*)")
+    return out
+
+
+def load_vlm_tower_reference(
+    ckpt: Checkpoint, class_name: str, config_type: str, prefixes: tuple[str, ...]
+) -> Any:
+    """transformers' tower built from the checkpoint's vision config, fp32, eval mode, SDPA attention, with only
+    the tower's tensors read (``class_name``: exported, or ``module.Class`` under ``transformers.models``)."""
+    import transformers
+
+    from ..check import transformers_class
+    from ..sources import load_state_dict
+
+    fields = {k: v for k, v in tower_config(ckpt.config)[0].items() if k != "model_type"}
+    config = transformers.AutoConfig.for_model(config_type, **fields)
+    model = transformers_class(class_name)._from_config(
+        config, attn_implementation="sdpa", dtype=torch.float32
+    )
+    state, _ = load_state_dict(ckpt.path, lambda keys: vlm_tower_keys(keys, ckpt.config, prefixes))
+    model.load_state_dict(vlm_tower_tensors(state, ckpt.config, prefixes), strict=True)
+    return model.eval()

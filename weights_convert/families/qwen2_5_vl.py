@@ -26,8 +26,18 @@ from packvit_native.patchify import patchify
 
 from ..errors import ConversionError
 from ..keymap import Converted, rename
-from ..sources import Checkpoint, load_state_dict
-from .common import activation, image_stats, require, square, tower_config, with_defaults
+from ..sources import Checkpoint
+from .common import (
+    activation,
+    image_stats,
+    load_vlm_tower_reference,
+    require,
+    square,
+    tower_config,
+    vlm_tower_keys,
+    vlm_tower_tensors,
+    with_defaults,
+)
 
 NAME = "qwen2_5_vl"
 MODEL_TYPES = ("qwen2_5_vl", "qwen2_5_vl_vision")
@@ -116,28 +126,7 @@ def config_from_hf(
 
 
 def select_keys(keys: Iterable[str], cfg: dict[str, Any]) -> set[str]:
-    """The vision tower's tensors of a vision-language checkpoint; everything of a tower saved alone."""
-    keys = list(keys)
-    if "vision_config" not in cfg:
-        return set(keys)
-    return {k for k in keys if k.startswith(TOWER_PREFIXES)}
-
-
-def tower_tensors(state: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
-    """Tensors with the tower prefix removed; a key present under both prefixes is an error."""
-    if "vision_config" not in cfg:
-        return state
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        prefix = next((p for p in TOWER_PREFIXES if key.startswith(p)), None)
-        if prefix is None:
-            raise ConversionError(f"{key} is not part of the vision tower ({'/'.join(TOWER_PREFIXES)}*)")
-        if key.removeprefix(prefix) in out:
-            raise ConversionError(f"{key.removeprefix(prefix)} appears under both {TOWER_PREFIXES}")
-        out[key.removeprefix(prefix)] = value
-    if not out:
-        raise ConversionError(f"this checkpoint has no vision tower tensors ({'/'.join(TOWER_PREFIXES)}*)")
-    return out
+    return vlm_tower_keys(keys, cfg, TOWER_PREFIXES)
 
 
 def _table(config: EncoderConfig) -> dict[str, str | None]:
@@ -157,7 +146,7 @@ def _table(config: EncoderConfig) -> dict[str, str | None]:
 
 
 def convert_state_dict(state: dict[str, Tensor], cfg: dict[str, Any], config: EncoderConfig) -> Converted:
-    c = rename(tower_tensors(state, cfg), _table(config))
+    c = rename(vlm_tower_tensors(state, cfg, TOWER_PREFIXES), _table(config))
     c.conv_to_linear("patch_embed.weight", ndim=5)
     for i in range(config.num_layers):
         for kind in ("weight", "bias"):
@@ -177,9 +166,10 @@ def tiny_hf_config(variant: str = "vlm") -> dict[str, Any]:
               "window_size": 16, "out_hidden_size": 48, "fullatt_block_indexes": [1, 3]}  # fmt: skip
     if variant == "vision":
         return {"model_type": VISION_TYPE, "architectures": [VISION_CLASS], **vision}
+    # Token ids inside the tiny vocabulary: the defaults (151643, 151645) would make transformers warn.
     text = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "vocab_size": 64, "rope_parameters": {"rope_type": "default",
-            "rope_theta": 10000.0, "mrope_section": [2, 2, 2]}}  # fmt: skip
+            "num_key_value_heads": 2, "vocab_size": 64, "bos_token_id": 1, "eos_token_id": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]}}  # fmt: skip
     return {"model_type": NAME, "architectures": ["Qwen2_5_VLForConditionalGeneration"],
             "vision_config": vision, "text_config": text}  # fmt: skip
 
@@ -188,7 +178,8 @@ def processor_patches(model: Any, entry: Tensor) -> tuple[Tensor, Tensor]:
     """What Qwen's processor hands the tower for one normalised, sized entry: ``[n, C*T*p*p]`` patches in
     (channel, frame, row, col) order and 2x2 merge order, and ``grid_thw [1, 3]``."""
     c = model.config
-    return patchify([entry], c.patch_size, "chw", c.spatial_merge_size, c.temporal_patch_size)
+    patches, grid = patchify([entry], c.patch_size, "chw", c.spatial_merge_size, c.temporal_patch_size)
+    return patches, grid.to(entry.device)
 
 
 def reference_forward(model: Any, entry: Tensor) -> dict[str, Any]:
@@ -199,7 +190,7 @@ def reference_forward(model: Any, entry: Tensor) -> dict[str, Any]:
     c = model.config
     window_index, _ = get_vision_window_index(grid, c.spatial_merge_size, c.window_size, c.patch_size)
     unit = c.spatial_merge_size**2
-    inverse = torch.argsort(window_index)
+    inverse = torch.argsort(window_index).to(entry.device)
 
     def input_order(x: Tensor) -> Tensor:  # transformers' window order -> merge order
         return x.reshape(-1, unit, x.shape[-1])[inverse].reshape(x.shape)
@@ -211,21 +202,5 @@ def reference_forward(model: Any, entry: Tensor) -> dict[str, Any]:
     }
 
 
-def load_vision_reference(ckpt: Checkpoint, class_path: str, config_type: str) -> Any:
-    """transformers' tower built from the checkpoint's vision config, with only the tower's tensors read."""
-    import importlib
-
-    import transformers
-
-    module, name = class_path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(f"transformers.models.{module}"), name)
-    fields = {k: v for k, v in tower_config(ckpt.config)[0].items() if k != "model_type"}
-    config = transformers.AutoConfig.for_model(config_type, **fields)
-    model = cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    state, _ = load_state_dict(ckpt.path, lambda keys: select_keys(keys, ckpt.config))
-    model.load_state_dict(tower_tensors(state, ckpt.config), strict=True)
-    return model.eval()
-
-
 def load_reference(ckpt: Checkpoint) -> Any:
-    return load_vision_reference(ckpt, VISION_CLASS, VISION_TYPE)
+    return load_vlm_tower_reference(ckpt, VISION_CLASS, VISION_TYPE, TOWER_PREFIXES)

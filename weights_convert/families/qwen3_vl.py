@@ -26,7 +26,7 @@ from ..errors import ConversionError
 from ..keymap import Converted, rename
 from ..sources import Checkpoint
 from . import qwen2_5_vl as qwen
-from .common import require
+from .common import load_vlm_tower_reference, require, vlm_tower_tensors
 
 NAME = "qwen3_vl"
 MODEL_TYPES = ("qwen3_vl", "qwen3_vl_vision", "qwen3_5", "qwen3_5_vision")
@@ -90,7 +90,7 @@ def _table(config: EncoderConfig) -> dict[str, str | None]:
 
 
 def convert_state_dict(state: dict[str, Tensor], cfg: dict[str, Any], config: EncoderConfig) -> Converted:
-    c = rename(qwen.tower_tensors(state, cfg), _table(config))
+    c = rename(vlm_tower_tensors(state, cfg, qwen.TOWER_PREFIXES), _table(config))
     c.conv_to_linear("patch_embed.weight", ndim=5)
     return c
 
@@ -126,10 +126,9 @@ def reference_forward(model: Any, entry: Tensor) -> dict[str, Any]:
 
 
 def load_reference(ckpt: Checkpoint) -> Any:
-    if _is_qwen3_5(ckpt.config):
-        return qwen.load_vision_reference(
-            ckpt, "qwen3_5.modeling_qwen3_5.Qwen3_5VisionModel", "qwen3_5_vision"
-        )
-    return qwen.load_vision_reference(
-        ckpt, "qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionModel", "qwen3_vl_vision"
+    name, config_type = (
+        ("Qwen3_5VisionModel", "qwen3_5_vision")
+        if _is_qwen3_5(ckpt.config)
+        else ("Qwen3VLVisionModel", "qwen3_vl_vision")
     )
+    return load_vlm_tower_reference(ckpt, name, config_type, qwen.TOWER_PREFIXES)

@@ -91,7 +91,7 @@ def processor_inputs(
 
 def _frame_forward(model: Any, frame: Tensor) -> dict[str, Any]:
     """transformers' outputs for one ``[C, H, W]`` frame fed as the processor feeds it."""
-    inputs = processor_inputs([frame], model.config.patch_size)
+    inputs = {k: v.to(frame.device) for k, v in processor_inputs([frame], model.config.patch_size).items()}
     out = model(**inputs, output_hidden_states=True)
     return {
         "last_hidden_state": out.last_hidden_state[0],
