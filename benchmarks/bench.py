@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import inspect
 import json
 import platform
 import random
@@ -178,8 +179,12 @@ def hf_runner(spec: Preset, hf: Any, images: list[torch.Tensor], ours: pv.Packed
         groups.setdefault(tuple(im.shape), []).append(im)
     batches = [torch.stack(g) for g in groups.values()]
 
+    # CLIP and SigLIP resize their position tables only when asked; DINOv2 and InternViT always do.
+    takes_flag = "interpolate_pos_encoding" in inspect.signature(hf.forward).parameters
+    kwargs = {"interpolate_pos_encoding": True} if takes_flag else {}
+
     def run():
-        return [hf(pixel_values=b).last_hidden_state for b in batches]
+        return [hf(pixel_values=b, **kwargs).last_hidden_state for b in batches]
 
     return run, None
 

@@ -19,6 +19,7 @@ from weights_convert.cli import main as convert_cli
 from weights_convert.convert import convert_checkpoint
 from weights_convert.errors import ConversionError
 from weights_convert.families import dinov2
+from weights_convert.families.common import IMAGENET_STATS
 
 OUTPUTS = ("last_hidden_state", "prefix_tokens", "pooler_output")
 # Grids one patch wide or high (where PyTorch's CPU antialiased resize has a wrong path for some memory
@@ -170,7 +171,7 @@ def test_dinov2_preprocessing_follows_bit_image_processor():
     bare = dinov2.config_from_hf({"model_type": "dinov2_with_registers"}, None)
     assert (bare.patch_size, bare.num_registers, bare.pos_resize) == (16, 4, "bicubic_antialias")
     assert (bare.resample, bare.resize_min_pixels, bare.resize_max_pixels) == ("bicubic", 224**2, 224**2)
-    assert (bare.image_mean, bare.image_std) == dinov2.IMAGENET
+    assert (bare.image_mean, bare.image_std) == IMAGENET_STATS
     assert dinov2.config_from_hf(giant, {**hub, "do_center_crop": False}).resize_min_pixels == 256 * 256
 
 

@@ -15,7 +15,7 @@ from weights_convert.check import mixed_batch
 from weights_convert.cli import main as convert_cli
 from weights_convert.convert import convert_checkpoint
 from weights_convert.errors import ConversionError
-from weights_convert.families.dinov3 import IMAGENET
+from weights_convert.families.common import IMAGENET_STATS
 
 POSITIONS = ("vision_tower.embeddings.position_embeddings", "embeddings.position_embeddings")
 
@@ -51,7 +51,7 @@ def test_internvl_parity_through_cli(tiny_reference, tmp_path, capsys, variant, 
     assert (c.norm, c.qk_norm, c.qkv_bias) == (norm, qk_norm, not qk_norm)
     assert (c.head, c.final_norm, c.layer_scale, c.num_cls) == (head, head == "cls", True, 1)
     assert (c.pos_grid, c.pos_resize, c.pos_embed_cls) == ((8, 8), "bicubic", True)
-    assert (c.resample, c.resize_max_patches, (c.image_mean, c.image_std)) == ("bicubic", 64, IMAGENET)
+    assert (c.resample, c.resize_max_patches, (c.image_mean, c.image_std)) == ("bicubic", 64, IMAGENET_STATS)
     rows = assert_packed_parity(
         model, load_reference(src), expect=("last_hidden_state", "prefix_tokens", "pooler_output")
     )

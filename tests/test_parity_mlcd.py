@@ -13,7 +13,7 @@ from weights_convert.check import mixed_batch
 from weights_convert.cli import main as convert_cli
 from weights_convert.convert import convert_checkpoint
 from weights_convert.errors import ConversionError
-from weights_convert.families.qwen2_5_vl import CLIP_STATS
+from weights_convert.families.common import CLIP_STATS
 
 
 def _copy(src, dst, edit_state=None, edit_config=None):

@@ -82,6 +82,31 @@ PRESETS: dict[str, Preset] = {
          "num_attention_heads": 16, "patch_size": 16, "num_patches": 256},
         "Siglip2VisionModel",
     ),
+    "clip_vitl14_336": Preset(
+        "CLIP ViT-L/14 336px",
+        {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+         "num_attention_heads": 16, "patch_size": 14, "image_size": 336, "hidden_act": "quick_gelu"},
+        "CLIPVisionModel",
+    ),
+    "dinov2_vitl14_reg": Preset(
+        "DINOv2 ViT-L/14 with registers",
+        {"model_type": "dinov2_with_registers", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+         "mlp_ratio": 4, "patch_size": 14, "image_size": 518, "num_register_tokens": 4, "layerscale_value": 1e-5},
+        "Dinov2WithRegistersModel",
+    ),
+    "mlcd_vitbigg14_448": Preset(
+        "MLCD ViT-bigG/14 448px",
+        {"model_type": "mlcd_vision_model", "hidden_size": 1664, "intermediate_size": 8192, "num_hidden_layers": 48,
+         "num_attention_heads": 16, "patch_size": 14, "image_size": 448},
+        "MLCDVisionModel",
+    ),
+    "internvit_300m_448": Preset(
+        "InternViT-300M 448px",
+        {"model_type": "internvl_vision", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+         "num_attention_heads": 16, "patch_size": [14, 14], "image_size": [448, 448], "layer_scale_init_value": 0.1,
+         "use_mean_pooling": True, "attention_bias": True, "norm_type": "layer_norm"},
+        "InternVLVisionModel",
+    ),
     "qwen2_5_vl_7b": Preset(
         "Qwen2.5-VL-7B vision tower",
         {"model_type": "qwen2_5_vl_vision", "depth": 32, "hidden_size": 1280, "intermediate_size": 3420,

@@ -28,6 +28,7 @@ from ..errors import ConversionError
 from ..keymap import DROP, Converted, rename
 from ..sources import Checkpoint
 from .common import (
+    CLIP_STATS,
     activation,
     image_stats,
     load_tower_reference,
@@ -43,7 +44,6 @@ NAME = "aimv2"
 MODEL_TYPES = ("aimv2_vision_model", "aimv2")
 HF_CLASS = "Aimv2VisionModel"
 VARIANTS = ("native", "learned", "head", "two_tower")
-CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 APPLE_ARCHITECTURES = ["AIMv2Model"]  # Apple's remote-code class; transformers' own class is "Aimv2Model"
 
 # transformers' Aimv2VisionConfig defaults (hub configs may omit them).

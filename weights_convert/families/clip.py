@@ -30,8 +30,16 @@ from packvit_native.config import EncoderConfig
 from ..errors import ConversionError
 from ..keymap import Converted, rename
 from ..sources import Checkpoint
-from .common import activation, image_stats, no_token_id_warnings, per_frame, require, square, tower_config
-from .qwen2_5_vl import CLIP_STATS  # OpenAI CLIP's mean and std
+from .common import (
+    CLIP_STATS,
+    activation,
+    image_stats,
+    no_token_id_warnings,
+    per_frame,
+    require,
+    square,
+    tower_config,
+)
 from .siglip import TINY_TEXT, tiny_vision, trunk_table
 
 NAME = "clip"

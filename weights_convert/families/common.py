@@ -16,6 +16,8 @@ from ..sources import Checkpoint
 
 __all__ = [
     "ACTIVATIONS",
+    "CLIP_STATS",
+    "IMAGENET_STATS",
     "activation",
     "image_stats",
     "load_tower_reference",
@@ -30,6 +32,11 @@ __all__ = [
     "vlm_tower_tensors",
     "with_defaults",
 ]
+
+# Published normalisation statistics ((mean per channel), (std per channel)), used when a checkpoint has no
+# preprocessor config.
+CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # OpenAI CLIP
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # transformers' activation names -> ours.
 ACTIVATIONS = {

@@ -33,13 +33,21 @@ from packvit_native.config import EncoderConfig
 from ..errors import ConversionError
 from ..keymap import DROP, Converted, rename
 from ..sources import Checkpoint
-from .common import activation, image_stats, load_tower_reference, per_frame, require, square, with_defaults
+from .common import (
+    IMAGENET_STATS,
+    activation,
+    image_stats,
+    load_tower_reference,
+    per_frame,
+    require,
+    square,
+    with_defaults,
+)
 
 NAME = "dinov2"
 MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 HF_CLASSES = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}
 VARIANTS = ("default", "registers", "swiglu")
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as preprocessor_config.json records them
 CROP = 224  # BitImageProcessor's default crop_size
 
@@ -119,7 +127,7 @@ def config_from_hf(
         num_registers=require(v, "num_register_tokens") if registers else 0, pos_embed="learned",
         pos_grid=(side, side), pos_resize="bicubic_antialias" if registers else "bicubic", pos_embed_cls=True,
         final_norm=True, head="cls", drop_path_rate=drop_path,
-        **preprocessing(preprocessor or {}), **image_stats(preprocessor, IMAGENET),
+        **preprocessing(preprocessor or {}), **image_stats(preprocessor, IMAGENET_STATS),
     ).validate()  # fmt: skip
 
 

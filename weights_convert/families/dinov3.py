@@ -16,13 +16,12 @@ from packvit_native.config import EncoderConfig
 from ..errors import ConversionError
 from ..keymap import DROP, Converted, rename
 from ..sources import Checkpoint
-from .common import activation, image_stats, load_tower_reference, per_frame, require, square
+from .common import IMAGENET_STATS, activation, image_stats, load_tower_reference, per_frame, require, square
 
 NAME = "dinov3"
 MODEL_TYPES = ("dinov3_vit",)
 HF_CLASS = "DINOv3ViTModel"
 VARIANTS = ("gelu", "swiglu")
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def config_from_hf(
@@ -67,7 +66,7 @@ def config_from_hf(
         pos_embed_jitter=cfg.get("pos_embed_jitter"),
         pos_embed_rescale=cfg.get("pos_embed_rescale", 2.0),
         drop_path_rate=float(drop_path),
-        **image_stats(preprocessor, IMAGENET),
+        **image_stats(preprocessor, IMAGENET_STATS),
     ).validate()
 
 

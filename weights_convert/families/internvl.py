@@ -38,6 +38,7 @@ from ..errors import ConversionError
 from ..keymap import DROP, Converted, rename
 from ..sources import Checkpoint
 from .common import (
+    IMAGENET_STATS,
     activation,
     image_stats,
     load_vlm_tower_reference,
@@ -49,7 +50,6 @@ from .common import (
     vlm_tower_tensors,
     with_defaults,
 )
-from .dinov3 import IMAGENET
 from .siglip import TINY_TEXT
 
 NAME = "internvl"
@@ -102,7 +102,7 @@ def config_from_hf(
         layer_scale=True, num_cls=1, pos_embed="learned" if learned else "none",
         pos_grid=(side, side) if learned else None, pos_resize="bicubic" if learned else "none",
         pos_embed_cls=learned, final_norm=not mean, head="mean" if mean else "cls", resample="bicubic",
-        resize_max_patches=side * side, **image_stats(preprocessor, IMAGENET),
+        resize_max_patches=side * side, **image_stats(preprocessor, IMAGENET_STATS),
     ).validate()  # fmt: skip
 
 

@@ -32,6 +32,7 @@ from ..errors import ConversionError
 from ..keymap import DROP, Converted, rename
 from ..sources import Checkpoint
 from .common import (
+    CLIP_STATS,
     activation,
     image_stats,
     load_tower_reference,
@@ -41,7 +42,7 @@ from .common import (
     tower_state,
     with_defaults,
 )
-from .qwen2_5_vl import CLIP_STATS, rope_theta
+from .qwen2_5_vl import rope_theta
 
 NAME = "mlcd"
 MODEL_TYPES = ("mlcd_vision_model", "mlcd")

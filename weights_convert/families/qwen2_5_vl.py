@@ -28,6 +28,7 @@ from ..errors import ConversionError
 from ..keymap import Converted, rename
 from ..sources import Checkpoint
 from .common import (
+    CLIP_STATS,
     activation,
     image_stats,
     load_vlm_tower_reference,
@@ -45,7 +46,6 @@ VARIANTS = ("vlm", "vision")
 VISION_CLASS = "qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel"
 VISION_TYPE = "qwen2_5_vl_vision"
 TOWER_PREFIXES = ("model.visual.", "visual.")
-CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 PIXELS = (56 * 56, 28 * 28 * 1280)  # Qwen2VLImageProcessor's default min_pixels, max_pixels
 
 # transformers' Qwen2_5_VLVisionConfig defaults (hub configs may omit them).
