@@ -55,6 +55,23 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device, non_blocking=True)
 
 
+def _to_device_together(host: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Copy freshly built CPU integer tensors to ``device`` in one pinned, non-blocking transfer.
+
+    Pinning host memory costs milliseconds per call, so a packing pins one buffer, not one per index tensor;
+    on the device the pieces are views of it (int32 pieces are cast there, which is a kernel, not a wait).
+    """
+    if device.type == "cpu":
+        return host
+    flat = _to_device(torch.cat([t.reshape(-1).to(torch.int64) for t in host.values()]), device)
+    out, start = {}, 0
+    for name, t in host.items():
+        piece = flat[start : start + t.numel()].view(t.shape)
+        out[name] = piece if t.dtype == torch.int64 else piece.to(t.dtype)
+        start += t.numel()
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class Segments:
     """Boundaries of variable-length segments in a packed sequence.
@@ -75,9 +92,15 @@ class Segments:
 
     @classmethod
     def from_lengths(cls, lengths: tuple[int, ...], device: torch.device) -> Segments:
+        cu = cls.host_boundaries(lengths)
+        return cls(_to_device(cu, device), max(lengths), lengths, cu)
+
+    @staticmethod
+    def host_boundaries(lengths: tuple[int, ...]) -> Tensor:
+        """int32 ``[S + 1]`` cumulative lengths on the CPU."""
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
-        return cls(_to_device(cu, device), max(lengths), lengths, cu)
+        return cu
 
     @property
     def total(self) -> int:
@@ -191,6 +214,21 @@ def _window_order(
     return token_order, tuple(lengths.tolist())
 
 
+def _size_table_rows(
+    frame_sizes: tuple[tuple[int, int], ...], distinct: tuple[tuple[int, int], ...], merge_size: int
+) -> Tensor:
+    """``[N]`` row of each patch (in token order) in the concatenation of per-distinct-size row-major tables."""
+    offsets, start = {}, 0
+    for h, w in distinct:
+        offsets[(h, w)] = start
+        start += h * w
+    rows = []
+    for h, w in frame_sizes:
+        coords = _frame_coords(h, w, merge_size)
+        rows.append(offsets[(h, w)] + coords[:, 0].long() * w + coords[:, 1].long())
+    return torch.cat(rows)
+
+
 @dataclass(frozen=True, eq=False)
 class Packing:
     """Where every token of a packed batch lives. Build it with :meth:`from_grid` (or ``model.pack``).
@@ -209,6 +247,9 @@ class Packing:
         block_rows: ``[N]`` row in the windowed block sequence of each input patch (``None`` without windows).
         patch_coords: ``[N, 4]`` int32 per input patch: row, column, frame rows ``h``, frame columns ``w``.
         patch_segment: ``[N]`` int64 segment (frame) index of each input patch.
+        distinct_sizes: host-side distinct ``(h, w)`` frame sizes, in order of first appearance.
+        size_table_rows: ``[N]`` int64 row of each input patch in the concatenation of one row-major table per
+            distinct size (how position tables built per size are gathered into packed order).
         merge_size: ``1`` for row-major patches, ``m`` for merge order (see the module docstring).
         window_size: side of the attention windows in patches, ``0`` for none.
     """
@@ -225,6 +266,8 @@ class Packing:
     block_rows: Tensor | None
     patch_coords: Tensor
     patch_segment: Tensor
+    distinct_sizes: tuple[tuple[int, int], ...]
+    size_table_rows: Tensor
     merge_size: int = 1
     window_size: int = 0
 
@@ -264,34 +307,44 @@ class Packing:
         lengths = torch.tensor(patch_lengths, dtype=torch.int64)  # [S]
         seg_of_patch = torch.repeat_interleave(torch.arange(num_segments), lengths)  # [N]
         seg_start = torch.cumsum(lengths, 0) - lengths  # [S]
-        coords = torch.cat([_frame_coords(h, w, merge_size) for h, w in frame_sizes])  # [N, 4]
-
-        patch_rows = prefix_rows = block_order = block_rows = windows = None
+        distinct = tuple(dict.fromkeys(frame_sizes))
+        host = {
+            "coords": torch.cat([_frame_coords(h, w, merge_size) for h, w in frame_sizes]),  # [N, 4]
+            "segment": seg_of_patch,
+            "size_table_rows": _size_table_rows(frame_sizes, distinct, merge_size),
+            "frames": Segments.host_boundaries(tuple(n + num_prefix for n in patch_lengths)),
+            "frame_patches": Segments.host_boundaries(patch_lengths),
+        }
         if num_prefix:
-            patch_rows = _to_device(torch.arange(len(coords)) + (seg_of_patch + 1) * num_prefix, device)
+            host["patch_rows"] = torch.arange(int(lengths.sum())) + (seg_of_patch + 1) * num_prefix
             seg_token_start = seg_start + torch.arange(num_segments) * num_prefix  # [S]
-            prefix_rows = _to_device((seg_token_start[:, None] + torch.arange(num_prefix)).flatten(), device)
+            host["prefix_rows"] = (seg_token_start[:, None] + torch.arange(num_prefix)).flatten()
+        window_lengths = ()
         if window_size:
             order, window_lengths = _window_order(frame_sizes, merge_size, window_size)
-            block_rows = _to_device(
-                torch.empty_like(order).scatter_(0, order, torch.arange(len(order))), device
-            )
-            block_order = _to_device(order, device)
-            windows = Segments.from_lengths(window_lengths, device)
+            host["block_order"] = order
+            host["block_rows"] = torch.empty_like(order).scatter_(0, order, torch.arange(len(order)))
+            host["windows"] = Segments.host_boundaries(window_lengths)
+        dev = _to_device_together(host, device)
+
+        def segments(name: str, lengths: tuple[int, ...]) -> Segments:
+            return Segments(dev[name], max(lengths), lengths, host[name])
 
         return cls(
             grid=grid,
             frame_sizes=frame_sizes,
             num_prefix=num_prefix,
-            frames=Segments.from_lengths(tuple(n + num_prefix for n in patch_lengths), device),
-            frame_patches=Segments.from_lengths(patch_lengths, device),
-            windows=windows,
-            patch_rows=patch_rows,
-            prefix_rows=prefix_rows,
-            block_order=block_order,
-            block_rows=block_rows,
-            patch_coords=_to_device(coords, device),
-            patch_segment=_to_device(seg_of_patch, device),
+            frames=segments("frames", tuple(n + num_prefix for n in patch_lengths)),
+            frame_patches=segments("frame_patches", patch_lengths),
+            windows=segments("windows", window_lengths) if window_size else None,
+            patch_rows=dev.get("patch_rows"),
+            prefix_rows=dev.get("prefix_rows"),
+            block_order=dev.get("block_order"),
+            block_rows=dev.get("block_rows"),
+            patch_coords=dev["coords"],
+            patch_segment=dev["segment"],
+            distinct_sizes=distinct,
+            size_table_rows=dev["size_table_rows"],
             merge_size=merge_size,
             window_size=window_size,
         )

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import EncoderConfig
-from .packing import Packing, _to_device
+from .packing import Packing
 
 __all__ = ["PositionTerms", "Positions"]
 
@@ -56,19 +56,6 @@ class PositionTerms:
     additive: Tensor | None = None
     rotary: tuple[Tensor, Tensor] | None = None
     cls: Tensor | None = None
-
-
-def _size_table_rows(packing: Packing) -> tuple[tuple[tuple[int, int], ...], Tensor]:
-    """Distinct frame sizes, and for each patch its row in the concatenation of per-size row-major tables."""
-    distinct = tuple(dict.fromkeys(packing.frame_sizes))
-    offsets, start = {}, 0
-    for h, w in distinct:
-        offsets[(h, w)] = start
-        start += h * w
-    seg_offset = torch.tensor([offsets[s] for s in packing.frame_sizes], dtype=torch.int64)  # [S]
-    seg_offset = _to_device(seg_offset, packing.patch_coords.device)
-    row, col, _, w = packing.patch_coords.long().unbind(1)
-    return distinct, seg_offset[packing.patch_segment] + row * w + col  # [N]
 
 
 @functools.lru_cache(maxsize=64)
@@ -122,9 +109,8 @@ class Positions(nn.Module):
         """Position terms of ``packing``'s batch; rotary angles come in ``dtype`` (fp32 with ``rope_fp32``)."""
         additive = None
         if self._additive is not None:
-            distinct, rows = _size_table_rows(packing)
-            tables = [self._additive(h, w, packing.device) for h, w in distinct]
-            additive = torch.cat(tables).index_select(0, rows)  # [N, D]
+            tables = [self._additive(h, w, packing.device) for h, w in packing.distinct_sizes]
+            additive = torch.cat(tables).index_select(0, packing.size_table_rows)  # [N, D]
         rotary = None
         if self._coords is not None:
             rotary = self._rotary(
