@@ -165,3 +165,18 @@ def test_smart_size_keeps_the_pixel_budget_at_extreme_aspect_ratios():
         out_h, out_w = smart_size(h, w, 16, 4096, 262144)
         assert out_h % 16 == 0 and out_w % 16 == 0 and min(out_h, out_w) >= 16
         assert out_h * out_w <= 262144, (h, w, out_h, out_w)
+
+
+def test_float_pixels_must_be_in_unit_range_and_uint8_is_read_as_0_255():
+    """A float tensor in 0-255 would be normalised to values near 1,000 without a word; it is refused."""
+    config = _config()
+    pixels = torch.randint(0, 256, (3, 32, 48), dtype=torch.uint8)
+    with pytest.raises(
+        ValueError, match=r"image 0: a floating-point tensor must hold pixels in \[0, 1\].*255"
+    ):
+        pv.preprocess(pixels.float(), config, size=(32, 48))
+    with pytest.raises(ValueError, match=r"uint8 \(0-255\) or floating point"):
+        pv.preprocess(pixels.to(torch.int32), config, size=(32, 48))
+    a, _ = pv.preprocess(pixels, config, size=(32, 48))
+    b, _ = pv.preprocess(pixels.double() / 255, config, size=(32, 48))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
