@@ -1,8 +1,13 @@
-"""Side-by-side benchmark: packvit-native vs transformers, same images, same GPU, one process.
+"""Side-by-side benchmark: packvit-native vs the peers a user would pick instead, same images, same GPU, one
+process.
 
-For every model and workload both implementations encode the same images; we report images/s, tokens/s,
-achieved TFLOP/s (useful work only: padding is never counted), its fraction of a bf16 GEMM measured in the same
-run, peak memory and our/transformers ratios. transformers runs its best way for each case: sdpa attention,
+For every model and workload every contender encodes the same images: ours per attention backend (eager, and
+with --compile compiled blocks), transformers (and with --peer-compile transformers compiled), and timm's own
+model where it has one (eager, and compiled with --peer-compile). Contenders are timed in interleaved rounds
+(every contender once per round, --rounds of them, --calls timed calls each after a warm-up), with the bf16
+GEMM peak measured in every round; we report the median of the round medians with min and max, flag a spread
+above 10 %, and give images/s, tokens/s, achieved TFLOP/s (useful work only: padding is never counted), its
+fraction of the GEMM peak, peak memory, and ratios against the best peer of the row. transformers runs its best way for each case: sdpa attention,
 one batch per distinct image size (a single batch for uniform workloads, mostly one image at a time for mixed
 sizes), one padded and masked batch for SigLIP2 NaFlex, or the packed batch itself for the Qwen-VL towers,
 which take ``grid_thw`` as we do. Qwen-VL workloads use the sizes Qwen's processor gives the same images, and
@@ -24,8 +29,12 @@ import inspect
 import json
 import platform
 import random
+import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -189,14 +198,141 @@ def hf_runner(spec: Preset, hf: Any, images: list[torch.Tensor], ours: pv.Packed
     return run, None
 
 
-def measure(fn) -> tuple[float, float]:
+# timm's own models at our presets' sizes (random weights; only their speed is compared).
+TIMM_MODELS = {"dinov3_vitl16": "vit_large_patch16_dinov3"}
+
+
+@dataclass
+class Contender:
+    """One way to encode a workload: ours with a backend, or a peer a user would pick instead."""
+
+    impl: str
+    run: Callable[[], Any]
+    ours: bool
+    padded_patches: int | None = None
+
+
+def size_groups(images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The images stacked into one batch per distinct size (what a padding-free user of a peer does)."""
+    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for im in images:
+        groups.setdefault(tuple(im.shape), []).append(im)
+    return [torch.stack(g) for g in groups.values()]
+
+
+def timm_runner(key: str, images: list[torch.Tensor], compiled: bool) -> Callable[[], Any] | None:
+    if key not in TIMM_MODELS:
+        return None
+    try:
+        import timm
+    except ImportError:
+        return None
+    model = timm.create_model(TIMM_MODELS[key], pretrained=False, dynamic_img_size=True)
+    model = model.to(device="cuda", dtype=DTYPE).eval()
+    forward = torch.compile(model.forward_features, dynamic=True) if compiled else model.forward_features
+    batches = size_groups(images)
+    return lambda: [forward(b) for b in batches]
+
+
+def contenders(
+    key: str, spec: Preset, hf: Any, ours: pv.PackedVisionEncoder, compiled: pv.PackedVisionEncoder | None,
+    images: list[torch.Tensor], backends: list[str], uniform: bool, peer_compile: bool,
+) -> list[Contender]:  # fmt: skip
+    """Ours per backend (eager and compiled) and the peers: transformers and timm, eager and compiled.
+
+    Compiled peers run on uniform workloads only: compiling them per distinct image size of a mixed workload
+    would measure recompilation, which no user of a compiled peer would accept either.
+    """
+    run, padded = hf_runner(spec, hf, images, ours)
+    out = [Contender("transformers", run, False, padded)]
+    if peer_compile and uniform:
+        compiled_hf = torch.compile(hf, dynamic=False)
+        run_c, _ = hf_runner(spec, compiled_hf, images, ours)
+        out.append(Contender("transformers+compile", run_c, False, padded))
+    for tag, compile_timm in (("timm", False), ("timm+compile", True)):
+        if compile_timm and not (peer_compile and uniform):
+            continue
+        timm_run = timm_runner(key, images, compile_timm)
+        if timm_run is not None:
+            out.append(Contender(tag, timm_run, False))
+    patches, grid = ours.patchify(images)
+    grid = grid.cpu()
+    for backend in backends:
+        out.append(Contender(f"packvit[{backend}]", partial(ours, patches, grid, attn_backend=backend), True))
+        if compiled is not None:
+            out.append(
+                Contender(
+                    f"packvit[{backend}+compile]",
+                    partial(compiled, patches, grid, attn_backend=backend),
+                    True,
+                )
+            )
+    return out
+
+
+def call_seconds(run: Callable[[], Any]) -> float:
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    run()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3
+
+
+def measure_rounds(
+    entries: list[Contender], rounds: int, calls: int
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Per contender, the median seconds of ``calls`` timed calls in each of ``rounds`` interleaved rounds
+    (every contender once per round, so drift of clocks and temperature hits all alike); and the GEMM peak
+    measured in each round."""
+    medians: dict[str, list[float]] = {c.impl: [] for c in entries}
+    peaks = []
+    with torch.inference_mode():
+        for c in entries:  # warm-up: compilation, FA4's kernel builds, allocator growth
+            for _ in range(3):
+                c.run()
+        torch.cuda.synchronize()
+        for _ in range(rounds):
+            peaks.append(gemm_peak())
+            for c in entries:
+                medians[c.impl].append(statistics.median(call_seconds(c.run) for _ in range(calls)))
+    return medians, peaks
+
+
+def peak_memory(run: Callable[[], Any]) -> float:
+    """GiB allocated at the peak of one call, beyond what was allocated before it."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     with torch.inference_mode():
-        seconds = timed(fn)
-    return seconds, (torch.cuda.max_memory_allocated() - base) / 2**30
+        run()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def result_rows(
+    base: dict[str, Any], entries: list[Contender], medians: dict[str, list[float]], peak: float, flops: float
+) -> list[dict[str, Any]]:
+    rows = []
+    for c in entries:
+        runs = medians[c.impl]
+        seconds = statistics.median(runs)
+        rows.append({
+            **base, "impl": c.impl, "ours": c.ours, "seconds": seconds, "round_seconds": runs,
+            "img_per_s": base["images"] / seconds, "img_per_s_min": base["images"] / max(runs),
+            "img_per_s_max": base["images"] / min(runs), "spread": (max(runs) - min(runs)) / seconds,
+            "tok_per_s": base["patches"] / seconds, "tflops": flops / seconds / 1e12,
+            "gemm_fraction": flops / seconds / 1e12 / peak, "peak_gib": peak_memory(c.run),
+            "padded_patches": c.padded_patches,
+        })  # fmt: skip
+    best_peer = max((r for r in rows if not r["ours"]), key=lambda r: r["img_per_s"])
+    for r in rows:
+        r["vs_best_peer"] = r["img_per_s"] / best_peer["img_per_s"]
+        r["best_peer"] = best_peer["impl"]
+        r["mem_vs_best_peer"] = (
+            r["peak_gib"] / best_peer["peak_gib"] if best_peer["peak_gib"] > 0 else float("nan")
+        )
+    return rows
 
 
 def main() -> None:
@@ -207,7 +343,14 @@ def main() -> None:
     parser.add_argument("--workloads", default="uniform224,uniform448,uniform1024,mixed,small")
     parser.add_argument("--backends", default="auto", help="comma list of our attention backends, or 'auto'")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd blocks")
+    parser.add_argument(
+        "--peer-compile", action="store_true", help="also measure compiled peers (uniform workloads)"
+    )
     parser.add_argument("--big-workloads", default="uniform448,mixed", help="workloads for the 7B model")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (default 3)")
+    parser.add_argument(
+        "--calls", type=int, default=10, help="timed calls per contender and round (default 10)"
+    )
     parser.add_argument("--out", type=Path, help="directory for results.json and results.md")
     args = parser.parse_args()
     import transformers
@@ -219,14 +362,15 @@ def main() -> None:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
+        "timm": _timm_version(),
         "python": platform.python_version(),
         "command": "python " + " ".join(sys.argv),
         "available_backends": available_backends("cuda"),
+        "rounds": args.rounds,
+        "calls": args.calls,
     }
-    peak = gemm_peak()
-    env["gemm_peak_tflops"] = round(peak, 1)
     print(json.dumps(env), flush=True)
-    rows = []
+    rows, peaks = [], []
     for key in args.models.split(","):
         spec = MODELS[key]
         hf, ours = build_pair(spec)
@@ -234,69 +378,76 @@ def main() -> None:
         backends = available_backends("cuda")[:1] if args.backends == "auto" else args.backends.split(",")
         backends = [b for b in backends if b in available_backends("cuda")]
         big = key == "dinov3_vit7b16"
-        names = args.big_workloads if big else args.workloads
-        compiled = None
-        if args.compile and not big:
-            compiled = copy.deepcopy(ours).compile_blocks()
-        for wl in names.split(","):
+        compiled = copy.deepcopy(ours).compile_blocks() if args.compile and not big else None
+        for wl in (args.big_workloads if big else args.workloads).split(","):
             if wl == "video" and not takes_packed_input(spec):
                 continue  # only the Qwen-VL towers take clips of several temporal patches
             sizes = workload(wl, cfg)
             images = images_for(sizes, cfg)
-            flops = useful_flops(ours, sizes)
-            n_tokens = sum(t * h * w for t, h, w in sizes)
-            hf_fn, padded_tokens = hf_runner(spec, hf, images, ours)
-            hf_s, hf_mem = measure(hf_fn)
-            base = {"model": spec.title, "workload": wl, "images": len(sizes), "patches": n_tokens}
-            hf_row = {**base, "impl": "transformers", "seconds": hf_s, "peak_gib": hf_mem,
-                      "padded_patches": padded_tokens}  # fmt: skip
-            rows.append(hf_row)
-            patches, grid = ours.patchify(images)
-            grid = grid.cpu()
-            variants = [(b, ours, "") for b in backends] + [
-                (b, compiled, "+compile") for b in backends if compiled
-            ]
-            for backend, model, tag in variants:
-                s, mem = measure(lambda m=model, b=backend, x=patches, g=grid: m(x, g, attn_backend=b))
-                rows.append({**base, "impl": f"packvit[{backend}{tag}]",
-                             "seconds": s, "peak_gib": mem, "speedup": hf_s / s, "mem_ratio": mem / hf_mem})  # fmt: skip
-            for r in rows[-(len(variants) + 1) :]:
-                r["img_per_s"] = len(sizes) / r["seconds"]
-                r["tok_per_s"] = n_tokens / r["seconds"]
-                r["tflops"] = flops / r["seconds"] / 1e12
-                r["gemm_fraction"] = r["tflops"] / peak
+            entries = contenders(
+                key, spec, hf, ours, compiled, images, backends, wl.startswith("uniform"), args.peer_compile
+            )
+            medians, round_peaks = measure_rounds(entries, args.rounds, args.calls)
+            peaks += round_peaks
+            base = {"model": spec.title, "workload": wl, "images": len(sizes),
+                    "patches": sum(t * h * w for t, h, w in sizes)}  # fmt: skip
+            new = result_rows(
+                base, entries, medians, statistics.median(round_peaks), useful_flops(ours, sizes)
+            )
+            for r in new:
                 print(
                     json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}),
                     flush=True,
                 )
-            del images, patches
+            rows += new
+            env["gemm_peak_tflops"] = round(statistics.median(peaks), 1)
+            write_results(args.out, env, rows)  # after every workload: a run cut short keeps what it measured
+            del images, entries
         del hf, ours, compiled
         gc.collect()
         torch.cuda.empty_cache()
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-        (args.out / "results.md").write_text(render_markdown(env, rows))
         print((args.out / "results.md").read_text())
+
+
+def write_results(out: Path | None, env: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    (out / "results.md").write_text(render_markdown(env, rows))
+
+
+def _timm_version() -> str | None:
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm.__version__
 
 
 def render_markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
         f"GPU: {env['gpu']} · torch {env['torch']} · CUDA {env['cuda']} · transformers {env['transformers']} · "
-        f"bf16 forward · bf16 GEMM peak measured in the same run: {env['gemm_peak_tflops']} TFLOP/s",
+        f"timm {env['timm']} · bf16 forward · bf16 GEMM peak measured in the same rounds: "
+        f"{env['gemm_peak_tflops']} TFLOP/s",
         "",
         f"Command: `{env['command']}`",
         "",
-        "| model | workload | images | implementation | img/s | tokens/s | TFLOP/s | of GEMM peak | peak GiB | speedup | memory vs HF |",
+        f"Each figure: the median over {env['rounds']} interleaved rounds of the median of {env['calls']} timed "
+        "calls (after warm-up); min–max over the rounds; ⚠ marks a spread above 10 %. Ratios are against the best "
+        "peer of the row (the fastest of transformers and timm, eager or compiled).",
+        "",
+        "| model | workload | images | implementation | img/s | min–max | TFLOP/s | of GEMM peak | peak GiB | vs best peer | memory vs best peer |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        speed = f"{r['speedup']:.2f}×" if "speedup" in r else ""
-        mem = f"{r['mem_ratio']:.2f}×" if "mem_ratio" in r else ""
+        flag = " ⚠" if r["spread"] > 0.10 else ""
         impl = r["impl"] + (f" (padded to {r['padded_patches']} patches)" if r.get("padded_patches") else "")
         lines.append(
-            f"| {r['model']} | {r['workload']} | {r['images']} | {impl} | {r['img_per_s']:.1f} | "
-            f"{r['tok_per_s']:,.0f} | {r['tflops']:.0f} | {r['gemm_fraction']:.2f} | {r['peak_gib']:.2f} | {speed} | {mem} |"
+            f"| {r['model']} | {r['workload']} | {r['images']} | {impl} | {r['img_per_s']:.1f}{flag} | "
+            f"{r['img_per_s_min']:.1f}–{r['img_per_s_max']:.1f} | {r['tflops']:.0f} | {r['gemm_fraction']:.2f} | "
+            f"{r['peak_gib']:.2f} | {r['vs_best_peer']:.2f}× ({r['best_peer']}) | {r['mem_vs_best_peer']:.2f}× |"
         )
     return "\n".join(lines) + "\n"
 
