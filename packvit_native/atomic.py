@@ -5,15 +5,18 @@ new file gets under the process umask (as ``cp`` does: ``0o666 & ~umask``, folde
 only then renamed into place, after which the folder itself is flushed so the rename survives a power cut.
 A reader therefore sees the complete old version or the complete new one, never a mix or a truncated file.
 
-Temporary names carry the writer's host and process id: ``.NAME.HOST.PID.RANDOM.tmp``. A later run removes the
-leftovers of processes on this host that are no longer alive (:func:`remove_stale`) and leaves those of live
-processes (a concurrent run) alone.
+Temporary names carry the writer's host and process id: ``.NAME.HOST.PID.RANDOM.tmp``, and the writer holds an
+exclusive ``flock`` on its temporary file or folder while it writes. A later run removes a leftover only if
+its process is gone from this host *and* nobody holds its lock (:func:`remove_stale`): a concurrent run in
+another PID namespace that shares the host name keeps its files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import secrets
 import shutil
@@ -29,7 +32,15 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
 def _umask() -> int:
-    with _UMASK_LOCK:  # os.umask can only be read by setting it; the lock keeps other threads out meanwhile
+    """The process umask, read without changing it where the system tells it (Linux), else set and restored
+    under a lock (a file created by another thread in between would get the temporary mask)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
         mask = os.umask(0o022)
         os.umask(mask)
     return mask
@@ -60,30 +71,65 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive ``flock`` on ``path`` (a file or a folder) for the duration of the block."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _claim(tmp: Path, path: Path) -> None:
+    """Give ``tmp`` the name ``path`` unless ``path`` exists (``FileExistsError``), even against a racing writer.
+
+    A hard link fails if the name is taken, atomically. Filesystems without hard links (some FUSE and SMB
+    mounts) get a claim marker created exclusively instead, then a rename; readers only ever see whole files.
+    """
+    try:
+        os.link(tmp, path)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+    marker = path.parent / f".{path.name}.claim"
+    fd = os.open(
+        marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600
+    )  # FileExistsError if another writer has it
+    os.close(fd)
+    try:
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "already written", str(path))
+        os.replace(tmp, path)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
 def write_file(path: Path, write: Callable[[Path], None], *, exclusive: bool = False) -> None:
     """Create or replace ``path`` with what ``write(tmp)`` writes to a temporary path, all or nothing.
 
     Args:
         path: the final file.
-        write: writes the whole content to the path it is given (which does not exist yet).
+        write: writes the whole content to the path it is given, in place (the file exists, empty, and this
+            process holds a lock on it that tells other runs it is in use).
         exclusive: refuse to replace an existing ``path`` (``FileExistsError``); two writers racing for one
             name cannot both succeed, so this claims a name.
     """
     path = Path(path)
     tmp = path.parent / temp_name(path.name)
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
+        with _locked(tmp) as fd:
+            write(tmp)
             os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, new_file_mode())
-        if exclusive:
-            os.link(tmp, path)  # fails with EEXIST instead of replacing; the temp name is removed below
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+            os.chmod(tmp, new_file_mode())
+            if exclusive:
+                _claim(tmp, path)
+            else:
+                os.replace(tmp, path)
+            _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -110,12 +156,15 @@ def replace_dir(out: Path, fill: Callable[[Path], None], *, force: bool = False)
     The folder is complete and flushed before it appears under ``out``. Replacing swaps the two folders in one
     step where the system can (Linux), so ``out`` is at every instant the complete old or the complete new
     folder; elsewhere the old folder is renamed aside first, a window a kill could fall into, and the next call
-    for ``out`` puts it back (see :func:`remove_stale`).
+    for ``out`` puts it back (see :func:`remove_stale`). A symbolic link to a folder is followed: the folder it
+    points to is replaced and the link kept.
 
     Raises:
         FileExistsError: ``out`` exists and ``force`` is not set, or ``out`` is not a folder.
     """
     out = Path(out)
+    if out.is_symlink() and out.is_dir():
+        out = out.resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if out.exists() and not force:
@@ -125,30 +174,35 @@ def replace_dir(out: Path, fill: Callable[[Path], None], *, force: bool = False)
     tmp = out.parent / temp_name(out.name)
     tmp.mkdir(mode=0o700)
     try:
-        fill(tmp)
-        for f in tmp.iterdir():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.chmod(f, new_file_mode())
-        os.chmod(tmp, new_dir_mode())
-        _fsync_dir(tmp)
-        if not out.exists():
-            os.rename(tmp, out)
-        elif _exchange(tmp, out):
-            shutil.rmtree(tmp)  # tmp now holds the previous folder
-        else:
-            aside = out.parent / f".{out.name}.previous"
-            os.rename(out, aside)
-            os.rename(tmp, out)
-            shutil.rmtree(aside)
-        _fsync_dir(out.parent)
+        with _locked(tmp):
+            _fill_and_place(tmp, out, fill)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _fill_and_place(tmp: Path, out: Path, fill: Callable[[Path], None]) -> None:
+    fill(tmp)
+    for f in tmp.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(f, new_file_mode())
+    os.chmod(tmp, new_dir_mode())
+    _fsync_dir(tmp)
+    if not out.exists():
+        os.rename(tmp, out)
+    elif _exchange(tmp, out):
+        shutil.rmtree(tmp)  # tmp now holds the previous folder
+    else:
+        aside = out.parent / f".{out.name}.previous"
+        os.rename(out, aside)
+        os.rename(tmp, out)
+        shutil.rmtree(aside)
+    _fsync_dir(out.parent)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -159,6 +213,21 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a live writer holds the lock of a temporary file or folder (its own PID namespace included)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # already gone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
@@ -175,9 +244,9 @@ def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
             continue
         if name is not None and parts[0] != f".{name}":
             continue
-        if _pid_alive(int(parts[2])):
+        if _pid_alive(int(parts[2])) or entry.is_symlink() or _in_use(entry):
             continue
-        if entry.is_dir() and not entry.is_symlink():
+        if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)

@@ -38,12 +38,12 @@ class MeanHead(nn.Module):
     """The mean of each segment's patch tokens (InternViT's mean pooling), one vector per frame."""
 
     def forward(self, x: Tensor, packing: Packing, backend: str) -> Tensor:
-        tokens = packing.patch_tokens(x)  # [N, D]
+        tokens = packing.patch_tokens(x).float()  # [N, D]; summed in fp32: a bf16 sum of 1,000 tokens drifts
         sums = tokens.new_zeros(packing.num_segments, tokens.shape[-1]).index_add_(
             0, packing.patch_segment, tokens
         )
-        lengths = _to_device(torch.tensor(packing.frame_patches.lengths, dtype=tokens.dtype), tokens.device)
-        return sums / lengths[:, None]  # [S, D]
+        lengths = _to_device(torch.tensor(packing.frame_patches.lengths, dtype=torch.float32), tokens.device)
+        return (sums / lengths[:, None]).to(x.dtype)  # [S, D]
 
 
 class _QueryPool(nn.Module):

@@ -33,7 +33,8 @@ def _kernel():
     def rope(x_ptr, cos_ptr, sin_ptr, out_ptr, tokens, x_t, x_h, cs_t, heads, half,
              inverse: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         # One program: BLOCK_T tokens of one head, the whole head dim (two halves of `half`).
-        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]  # [BLOCK_T, 1]
+        # int64: a packed batch's q/k offsets pass 2**31 from about 550k tokens at Qwen-VL widths.
+        t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]).to(tl.int64)  # [BLOCK_T, 1]
         h = tl.program_id(1)
         j = tl.arange(0, BLOCK)[None, :]  # [1, BLOCK]
         mask = (t < tokens) & (j < half)
@@ -59,10 +60,11 @@ def _launch(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     out = torch.empty((t, heads, dh), dtype=x.dtype, device=x.device)
     if t:
         grid = (triton.cdiv(t, TOKENS_PER_PROGRAM), heads)
-        _kernel()[grid](
-            x, cos, sin, out, t, x.stride(0), x.stride(1), cos.stride(0), heads, dh // 2, inverse,
-            BLOCK_T=TOKENS_PER_PROGRAM, BLOCK=triton.next_power_of_2(dh // 2),
-        )  # fmt: skip
+        with torch.cuda.device(x.device):  # Triton launches on the current device and its current stream
+            _kernel()[grid](
+                x, cos, sin, out, t, x.stride(0), x.stride(1), cos.stride(0), heads, dh // 2, inverse,
+                BLOCK_T=TOKENS_PER_PROGRAM, BLOCK=triton.next_power_of_2(dh // 2),
+            )  # fmt: skip
     return out
 
 

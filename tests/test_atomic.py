@@ -140,3 +140,53 @@ def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(tmp_path
         p.write_text("x")
     assert atomic.remove_stale(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_a_locked_temporary_of_an_unknown_pid_is_kept(tmp_path):
+    """A writer in another PID namespace with the same host name looks dead by its pid; its lock keeps it."""
+    import fcntl
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    busy = tmp_path / f".part-00000.safetensors.{atomic._host()}.{int(dead.stdout)}.abcd1234.tmp"
+    busy.write_text("being written")
+    fd = os.open(busy, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert atomic.remove_stale(tmp_path) == [] and busy.exists()
+    finally:
+        os.close(fd)
+    assert atomic.remove_stale(tmp_path) == [busy] and not busy.exists()
+
+
+def test_replace_dir_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_path):
+    real = tmp_path / "real"
+    atomic.replace_dir(real, _fill("a"))
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    atomic.replace_dir(link, _fill("b"), force=True)
+    assert link.is_symlink() and (link / "config.json").read_text() == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_exclusive_claim_without_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(atomic.os, "link", no_links)
+    target = tmp_path / "part-00000"
+    atomic.write_file(target, _write_text("first"), exclusive=True)
+    with pytest.raises(FileExistsError):
+        atomic.write_file(target, _write_text("second"), exclusive=True)
+    assert target.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["part-00000"]
+
+
+def test_umask_is_read_without_changing_it():
+    old = os.umask(0o027)
+    try:
+        assert atomic.new_file_mode() == 0o640 and atomic.new_dir_mode() == 0o750
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(old)

@@ -156,3 +156,14 @@ def test_hub_id_loads_offline_from_the_cache(tiny_reference, tmp_path):
         and "someorg/absent is not a local directory, and fetching it from the hub failed" in run.stderr
     )
     assert not (tmp_path / "out2").exists()
+
+
+def test_model_safetensors_is_read_beside_other_weight_files(tiny_reference, tmp_path):
+    """Some repositories ship another library's weights next to transformers' (open_clip_model.safetensors)."""
+    src = tiny_reference("dinov3", "gelu")
+    both = tmp_path / "both"
+    shutil.copytree(src, both)
+    (both / "open_clip_model.safetensors").write_bytes(b"another library's weights")
+    _, a, _ = convert_checkpoint(src)
+    _, b, _ = convert_checkpoint(both)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

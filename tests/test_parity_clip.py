@@ -186,3 +186,14 @@ def test_vision_model_with_legacy_prefix_converts_alike(tiny_reference, tmp_path
     a, b = pv.from_pretrained(src), pv.from_pretrained(legacy)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "aimv2"])
+def test_attention_dropout_is_refused(tiny_reference, family):
+    """The packed blocks have no dropout: a checkpoint trained with it is refused, not silently changed."""
+    from weights_convert.convert import family_named
+    from weights_convert.errors import ConversionError
+
+    cfg = json.loads((tiny_reference(family, family_named(family).VARIANTS[0]) / "config.json").read_text())
+    with pytest.raises(ConversionError, match=r"attention_dropout = 0\.1: dropout is not supported"):
+        family_named(family).config_from_hf({**cfg, "attention_dropout": 0.1}, None)

@@ -138,7 +138,7 @@ def test_packing_invariance(tiny_reference, variant):
          r"missing checkpoint keys: layernorm\.bias"),
         (None, _vision(norm_type="rms_norm"), "'rms_norm' with use_mean_pooling false"),
         (None, _vision(use_qk_norm=True, layer_norm_eps=1e-5), "with use_qk_norm only 1e-06"),
-        (None, _vision(attention_dropout=0.1), "attention_dropout = 0.1: only 0.0"),
+        (None, _vision(attention_dropout=0.1), "attention_dropout = 0.1: dropout is not supported"),
         (None, _vision(image_size=[32, 48]), "only square sizes"),
     ],
     ids=["unknown-key", "wrong-shape", "missing-key", "rms-final-norm", "qk-norm-eps", "dropout", "non-square"],

@@ -105,8 +105,8 @@ def test_packing_invariance(tiny_reference):
         (lambda s: {k: v for k, v in s.items() if k != "pre_layrnorm.bias"}, None,
          r"missing checkpoint keys: pre_layrnorm\.bias"),
         (None, lambda c: c | {"num_key_value_groups": 2}, "num_key_value_groups = 2: only 1"),
-        (None, lambda c: c | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
-         "rope_type = 'default'"),
+        (None, lambda c: c | {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}},
+         "rope_type = 'yarn'"),
     ],
     ids=["unknown-key", "wrong-shape", "missing-key", "kv-groups", "rope-type"],
 )  # fmt: skip
@@ -114,3 +114,11 @@ def test_converter_refuses(tiny_reference, tmp_path, edit_state, edit_config, me
     bad = _copy(tiny_reference("mlcd", "default"), tmp_path / "bad", edit_state, edit_config)
     with pytest.raises(ConversionError, match=message):
         convert_checkpoint(bad)
+
+
+def test_rope_type_default_reads_as_axial_as_transformers_reads_it(tiny_reference):
+    from weights_convert.families import mlcd
+
+    cfg = json.loads((tiny_reference("mlcd", "default") / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    assert mlcd.config_from_hf(cfg, None).rope == "index"

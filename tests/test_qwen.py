@@ -23,6 +23,7 @@ CASES = [
     ("qwen3_vl", "vlm", ("last_hidden_state", "pooler_output", "deepstack_features")),
     ("qwen3_vl", "vision", ("last_hidden_state", "pooler_output", "deepstack_features")),
     ("qwen3_vl", "qwen3_5", ("last_hidden_state", "pooler_output")),
+    ("qwen3_vl", "moe_vision", ("last_hidden_state", "pooler_output", "deepstack_features")),
 ]
 
 

@@ -71,7 +71,12 @@ def convert_loaded(
     keys = frozenset(state) | frozenset(skipped)
     try:
         config = fam.config_from_hf(hf_config, preprocessor, keys)
-    except (TypeError, KeyError, AttributeError) as e:  # a config value of a type the family cannot read
+    except (
+        TypeError,
+        KeyError,
+        AttributeError,
+        ArithmeticError,
+    ) as e:  # a config value the family cannot read
         raise ConversionError(
             f"config.json cannot be read as a {fam.NAME} config: {type(e).__name__}: {e}"
         ) from None

@@ -197,6 +197,8 @@ def load_state_dict(
     if indexes:
         return _load_sharded(path, indexes[0], select)
     files = sorted(path.glob("*.safetensors"))
+    if (path / "model.safetensors").is_file():  # beside other formats' files (e.g. open_clip's), this one
+        files = [path / "model.safetensors"]
     if len(files) > 1:
         raise ConversionError(
             f"{path} holds several safetensors files but no index: {[f.name for f in files]}"

@@ -33,6 +33,7 @@ from .common import (
     image_stats,
     load_tower_reference,
     per_frame,
+    refuse_dropout,
     require,
     square,
     tower_config,
@@ -73,6 +74,7 @@ def config_from_hf(
     cfg: dict[str, Any], preprocessor: dict[str, Any] | None, keys: Collection[str] = ()
 ) -> EncoderConfig:
     vision, two_tower = tower_config(cfg)
+    refuse_dropout(vision, "attention_dropout")
     apple = is_apple(cfg)
     if cfg.get("model_type") == "aimv2" and not two_tower and not apple:
         raise ConversionError(

@@ -36,6 +36,7 @@ from .common import (
     image_stats,
     no_token_id_warnings,
     per_frame,
+    refuse_dropout,
     require,
     square,
     tower_config,
@@ -77,6 +78,7 @@ def config_from_hf(
     family: str = NAME, classes: tuple[str, ...] = CLASSES,
 ) -> EncoderConfig:  # fmt: skip
     v = vision_fields(cfg)
+    refuse_dropout(v, "attention_dropout", "dropout")
     projection, cls = None, hf_class(cfg, classes)
     if cls == classes[2]:  # the two-tower model: its own projection_dim, not the vision config's
         projection = require({"projection_dim": DEFAULTS["projection_dim"], **cfg}, "projection_dim")

@@ -24,6 +24,7 @@ __all__ = [
     "load_vlm_tower_reference",
     "no_token_id_warnings",
     "per_frame",
+    "refuse_dropout",
     "require",
     "square",
     "tower_config",
@@ -56,6 +57,15 @@ def require(cfg: dict[str, Any], key: str, kind: type | tuple[type, ...] = int) 
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConversionError(f"config.json {key!r} = {value!r} has an unexpected type")
     return value
+
+
+def refuse_dropout(cfg: dict[str, Any], *keys: str) -> None:
+    """Refuse a nonzero dropout setting: the packed blocks and varlen kernels have none, and training without
+    it silently would not be the source model's training."""
+    for key in keys:
+        value = cfg.get(key, 0.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != 0:
+            raise ConversionError(f"config.json {key} = {value!r}: dropout is not supported; set it to 0.0")
 
 
 def activation(name: str) -> str:

@@ -39,6 +39,7 @@ from .common import (
     image_stats,
     load_tower_reference,
     per_frame,
+    refuse_dropout,
     require,
     square,
     with_defaults,
@@ -106,10 +107,7 @@ def config_from_hf(
     cfg: dict[str, Any], preprocessor: dict[str, Any] | None, keys: Collection[str] = ()
 ) -> EncoderConfig:
     v = with_defaults(cfg, DEFAULTS[cfg["model_type"]])
-    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-        if _number(v, key):
-            # No dropout in the packed blocks: training without it would not be the source model's training.
-            raise ConversionError(f"config.json {key} = {v[key]!r}: dropout is not supported; set it to 0.0")
+    refuse_dropout(v, "hidden_dropout_prob", "attention_probs_dropout_prob")
     drop_path = _number(v, "drop_path_rate")
     if drop_path >= 1:
         raise ConversionError(f"config.json drop_path_rate = {drop_path!r} is not a number in [0, 1)")

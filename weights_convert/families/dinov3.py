@@ -16,7 +16,16 @@ from packvit_native.config import EncoderConfig
 from ..errors import ConversionError
 from ..keymap import DROP, Converted, rename
 from ..sources import Checkpoint
-from .common import IMAGENET_STATS, activation, image_stats, load_tower_reference, per_frame, require, square
+from .common import (
+    IMAGENET_STATS,
+    activation,
+    image_stats,
+    load_tower_reference,
+    per_frame,
+    refuse_dropout,
+    require,
+    square,
+)
 
 NAME = "dinov3"
 MODEL_TYPES = ("dinov3_vit",)
@@ -29,13 +38,7 @@ def config_from_hf(
 ) -> EncoderConfig:
     gated = bool(cfg.get("use_gated_mlp", False))
     q, k, v = (bool(cfg.get(f"{n}_bias", d)) for n, d in (("query", True), ("key", False), ("value", True)))
-    if cfg.get("attention_dropout", 0.0):
-        # The varlen kernels have no dropout on attention probabilities (FA3, FA4, the reference); silently
-        # training without it would not be the source model's training.
-        raise ConversionError(
-            f"config.json attention_dropout = {cfg['attention_dropout']!r}: dropout on attention "
-            "probabilities is not supported; set it to 0.0 to convert"
-        )
+    refuse_dropout(cfg, "attention_dropout")
     drop_path = cfg.get("drop_path_rate", 0.0)
     if not isinstance(drop_path, (int, float)) or isinstance(drop_path, bool) or not 0 <= drop_path < 1:
         raise ConversionError(f"config.json drop_path_rate = {drop_path!r} is not a number in [0, 1)")

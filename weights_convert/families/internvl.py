@@ -43,6 +43,7 @@ from .common import (
     image_stats,
     load_vlm_tower_reference,
     per_frame,
+    refuse_dropout,
     require,
     square,
     tower_config,
@@ -79,9 +80,7 @@ def config_from_hf(
     cfg: dict[str, Any], preprocessor: dict[str, Any] | None, keys: Collection[str] = ()
 ) -> EncoderConfig:
     v = _vision(cfg)
-    for name in ("hidden_dropout_prob", "attention_dropout", "projection_dropout"):
-        if v[name]:  # our blocks have no dropout: training without it would not be the source's training
-            raise ConversionError(f"config.json {name} = {v[name]!r}: only 0.0 is supported")
+    refuse_dropout(v, "hidden_dropout_prob", "attention_dropout", "projection_dropout")
     if v["norm_type"] not in NORMS:
         raise ConversionError(f"config.json norm_type = {v['norm_type']!r}; supported: {sorted(NORMS)}")
     eps, mean = float(v["layer_norm_eps"]), bool(v["use_mean_pooling"])

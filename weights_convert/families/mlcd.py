@@ -37,6 +37,7 @@ from .common import (
     image_stats,
     load_tower_reference,
     per_frame,
+    refuse_dropout,
     require,
     square,
     tower_state,
@@ -64,10 +65,9 @@ def config_from_hf(
     v = with_defaults(cfg, DEFAULTS)
     if v["num_key_value_groups"] != 1:  # transformers' own attention cannot run other values either
         raise ConversionError(f"config.json num_key_value_groups = {v['num_key_value_groups']!r}: only 1")
-    if v["attention_dropout"]:
-        raise ConversionError(f"config.json attention_dropout = {v['attention_dropout']!r}: only 0.0")
+    refuse_dropout(v, "attention_dropout")
     rope_type = (v.get("rope_parameters") or {}).get("rope_type", "axial")
-    if rope_type != "axial":
+    if rope_type not in ("axial", "default"):  # transformers reads "default" as "axial"
         raise ConversionError(f"config.json rope_type = {rope_type!r}: MLCD's rotary embedding is 'axial'")
     patch = square(v["patch_size"], "patch_size")
     return EncoderConfig(

@@ -29,8 +29,15 @@ from . import qwen2_5_vl as qwen
 from .common import load_vlm_tower_reference, require, vlm_tower_tensors
 
 NAME = "qwen3_vl"
-MODEL_TYPES = ("qwen3_vl", "qwen3_vl_vision", "qwen3_5", "qwen3_5_vision")
-VARIANTS = ("vlm", "vision", "qwen3_5")
+# The mixture-of-experts language models (Qwen3-VL-30B-A3B / 235B-A22B, Qwen3.5 MoE) carry the same tower.
+REFERENCES = {  # model_type of a checkpoint -> transformers' tower class and its config's model_type
+    "qwen3_vl": ("Qwen3VLVisionModel", "qwen3_vl_vision"),
+    "qwen3_vl_moe": ("Qwen3VLMoeVisionModel", "qwen3_vl_moe_vision"),
+    "qwen3_5": ("Qwen3_5VisionModel", "qwen3_5_vision"),
+    "qwen3_5_moe": ("Qwen3_5MoeVisionModel", "qwen3_5_moe_vision"),
+}
+MODEL_TYPES = tuple(t for vlm, (_, tower) in REFERENCES.items() for t in (vlm, tower))
+VARIANTS = ("vlm", "vision", "qwen3_5", "moe_vision")
 HALF_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # what every published Qwen3-VL preprocessor config holds
 select_keys = qwen.select_keys
 
@@ -49,8 +56,9 @@ def _is_qwen3_5(cfg: dict[str, Any]) -> bool:
 def config_from_hf(
     cfg: dict[str, Any], preprocessor: dict[str, Any] | None, keys: Collection[str] = ()
 ) -> EncoderConfig:
-    defaults = {**DEFAULTS, "deepstack_visual_indexes": []} if _is_qwen3_5(cfg) else DEFAULTS
-    v = qwen.vision_config(cfg, defaults)
+    v = qwen.vision_config(cfg, DEFAULTS)
+    if _is_qwen3_5(cfg):  # Qwen3.5's tower has no deepstack mergers, whatever its config says
+        v["deepstack_visual_indexes"] = []
     n = require(v, "num_position_embeddings")
     side = math.isqrt(n) if n > 0 else 0
     if side * side != n:
@@ -97,7 +105,8 @@ def convert_state_dict(state: dict[str, Tensor], cfg: dict[str, Any], config: En
 
 def tiny_hf_config(variant: str = "vlm") -> dict[str, Any]:
     """A small config: 3 blocks, deepstack after blocks 0 and 2, an 8x8 position grid, out width 48; ``vlm``
-    inside a whole ``Qwen3VLForConditionalGeneration``, ``vision`` the tower alone, ``qwen3_5`` a Qwen3.5 tower."""
+    inside a whole ``Qwen3VLForConditionalGeneration``, ``vision`` the tower alone, ``qwen3_5`` a Qwen3.5 tower,
+    ``moe_vision`` the tower of the mixture-of-experts Qwen3-VL."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown {NAME} variant {variant!r}; choose one of {list(VARIANTS)}")
     vision = {"depth": 3, "hidden_size": 64, "intermediate_size": 96, "num_heads": 4, "patch_size": 4,
@@ -105,8 +114,9 @@ def tiny_hf_config(variant: str = "vlm") -> dict[str, Any]:
     if variant == "qwen3_5":
         return {"model_type": "qwen3_5_vision", "architectures": ["Qwen3_5VisionModel"], **vision}
     vision["deepstack_visual_indexes"] = [0, 2]
-    if variant == "vision":
-        return {"model_type": "qwen3_vl_vision", "architectures": ["Qwen3VLVisionModel"], **vision}
+    if variant in ("vision", "moe_vision"):
+        name, model_type = REFERENCES["qwen3_vl_moe" if variant == "moe_vision" else "qwen3_vl"]
+        return {"model_type": model_type, "architectures": [name], **vision}
     text = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
             "num_key_value_heads": 2, "head_dim": 12, "vocab_size": 64,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]}}  # fmt: skip
@@ -126,9 +136,6 @@ def reference_forward(model: Any, entry: Tensor) -> dict[str, Any]:
 
 
 def load_reference(ckpt: Checkpoint) -> Any:
-    name, config_type = (
-        ("Qwen3_5VisionModel", "qwen3_5_vision")
-        if _is_qwen3_5(ckpt.config)
-        else ("Qwen3VLVisionModel", "qwen3_vl_vision")
-    )
+    kind = ckpt.config["model_type"].removesuffix("_vision")
+    name, config_type = REFERENCES[kind]
     return load_vlm_tower_reference(ckpt, name, config_type, qwen.TOWER_PREFIXES)

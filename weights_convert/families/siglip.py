@@ -22,6 +22,7 @@ from .common import (
     image_stats,
     load_tower_reference,
     per_frame,
+    refuse_dropout,
     require,
     square,
     tower_config,
@@ -46,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
 
 def trunk_config(v: dict[str, Any], preprocessor: dict[str, Any] | None, **fields: Any) -> EncoderConfig:
     """The parts SigLIP and SigLIP2 share: LayerNorm pre-norm blocks with every bias, and the MAP head."""
+    refuse_dropout(v, "attention_dropout")
     return EncoderConfig(
         patch_size=square(v["patch_size"], "patch_size"),
         num_channels=require(v, "num_channels"),
