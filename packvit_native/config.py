@@ -216,6 +216,15 @@ class EncoderConfig:
         return self.num_channels * self.temporal_patch_size * self.patch_size**2
 
     @property
+    def positions(self) -> str:
+        """The earlier single position field (``"rope2d"``, ``"sincos2d"``, ``"learned"``), for code written
+        against it; ``"none"`` or ``"learned+rope"`` where the model has neither or both."""
+        rotary = self.rope != "none"
+        if self.pos_embed == "none":
+            return "rope2d" if rotary else "none"
+        return f"{self.pos_embed}+rope" if rotary else self.pos_embed
+
+    @property
     def fixed_size(self) -> tuple[int, int] | None:
         """``(rows, cols)`` in patches if the model runs at one size only (a learned table it cannot resize)."""
         return self.pos_grid if self.pos_embed == "learned" and self.pos_resize == "none" else None

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-__all__ = ["locate"]
+__all__ = ["CONFIG_PATTERNS", "HUB_PATTERNS", "is_local", "locate"]
 
-HUB_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json"]
+CONFIG_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors.index.json"]
+HUB_PATTERNS = [*CONFIG_PATTERNS, "*.safetensors"]
 
 
 def _looks_like_path(src: str) -> bool:
@@ -24,8 +25,18 @@ def _looks_like_path(src: str) -> bool:
     return Path(org).is_dir()  # "runs/typo" next to an existing runs/ folder is a mistyped path
 
 
-def locate(src: str | os.PathLike) -> Path:
+def is_local(src: str | os.PathLike) -> bool:
+    """Whether ``src`` names something on this machine rather than a hub id."""
+    return not isinstance(src, str) or Path(src).expanduser().exists() or _looks_like_path(src)
+
+
+def locate(src: str | os.PathLike, patterns: list[str] | None = None) -> Path:
     """The directory of checkpoint ``src``: a local directory, or a hub id's snapshot in the local cache.
+
+    Args:
+        src: a local directory or a hub id.
+        patterns: for a hub id, the files to fetch (default: configs and every safetensors file); fetching more
+            later adds them to the same snapshot.
 
     Raises:
         CheckpointError: ``src`` is a file, a missing local path, or a hub id that cannot be fetched.
@@ -42,7 +53,7 @@ def locate(src: str | os.PathLike) -> Path:
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(text, allow_patterns=patterns or HUB_PATTERNS))
     except HFValidationError as e:
         raise CheckpointError(f"{text} is neither a local directory nor a valid hub id: {e}") from None
     except Exception as e:  # offline with an empty cache, unknown repo, network failure

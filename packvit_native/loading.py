@@ -15,7 +15,7 @@ from .attention import resolve_backend
 from .config import EncoderConfig, PositionResize, patch_layout_name
 from .encoder import PackedVisionEncoder
 from .errors import CheckpointError
-from .hub import locate
+from .hub import CONFIG_PATTERNS, locate
 from .io import is_native_dir, load_native
 from .patchify import patch_weight_layout
 
@@ -174,14 +174,15 @@ def from_pretrained(
         ValueError: an argument is invalid (checked before the checkpoint is looked up).
     """
     _check_options(attn_backend, patch_layout, pos_resize, merge_size, device, dtype)
-    path = locate(src)
+    path = locate(src, CONFIG_PATTERNS)  # a hub id: the configs first, to learn what else to fetch
     if is_native_dir(path):
+        path = locate(src)
         config, state = load_native(path)
         _check_state(config, state, path / "model.safetensors")
     else:
-        from weights_convert.convert import convert_directory
+        from weights_convert.convert import convert_checkpoint
 
-        config, state, _ = convert_directory(path)
+        config, state, _ = convert_checkpoint(src)  # fetches only the weights the family reads
     return build_model(
         config, state, attn_backend=attn_backend, patch_layout=patch_layout, pos_resize=pos_resize,
         merge_size=merge_size, device=device, dtype=dtype,

@@ -349,6 +349,18 @@ class Packing:
             window_size=window_size,
         )
 
+    # Earlier names of the two frame segmentations and of to_blocks, kept for code written against them.
+    @property
+    def tokens(self) -> Segments:
+        return self.frames
+
+    @property
+    def patches(self) -> Segments:
+        return self.frame_patches
+
+    def insert_prefix(self, patch_tokens: Tensor, prefix: Tensor | None) -> Tensor:
+        return self.to_blocks(patch_tokens, prefix)
+
     @property
     def num_segments(self) -> int:
         return len(self.frame_sizes)

@@ -1,5 +1,6 @@
 """The converter: CLI round trip, hub-id loading from an offline cache, and every failure mode."""
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -167,3 +168,43 @@ def test_model_safetensors_is_read_beside_other_weight_files(tiny_reference, tmp
     _, a, _ = convert_checkpoint(src)
     _, b, _ = convert_checkpoint(both)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hub_checkpoint_fetches_only_the_towers_shards(tiny_reference, tmp_path):
+    """A vision-language checkpoint on the hub: its language model's shard is never asked for. The cache here
+    holds the configs, the index and the vision shard only; converting by hub id works offline from it."""
+    src = tiny_reference("qwen3_vl", "vlm")
+    state = load_file(src / "model.safetensors")
+    files = tmp_path / "files"
+    files.mkdir()
+    shutil.copy(src / "config.json", files)
+    vision = {k: v for k, v in state.items() if k.startswith("model.visual.")}
+    save_file(vision, files / "model-00001-of-00002.safetensors")
+    weight_map = {k: "model-00001-of-00002.safetensors" if k in vision else "model-00002-of-00002.safetensors"
+                  for k in state}  # fmt: skip
+    (files / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    cache = tmp_path / "hub"
+    _lay_out_hub_cache(cache, "someorg/tiny-qwen3-vl", files)  # the language-model shard is not in the cache
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # The real snapshot_download, with the file patterns of each call recorded on the way through.
+    script = (
+        "import fnmatch, json, sys, huggingface_hub\n"
+        "real, asked = huggingface_hub.snapshot_download, []\n"
+        "def recording(*a, **k):\n"
+        "    asked.extend(k['allow_patterns'])\n"
+        "    return real(*a, **k)\n"
+        "huggingface_hub.snapshot_download = recording\n"
+        "from weights_convert.cli import main\n"
+        "code = main(['someorg/tiny-qwen3-vl', 'out'])\n"
+        "print(json.dumps(asked))\n"
+        "sys.exit(code)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    asked = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "model-00001-of-00002.safetensors" in asked
+    assert not any(fnmatch.fnmatch("model-00002-of-00002.safetensors", p) for p in asked), asked
+    ours, local = load_file(tmp_path / "out" / "model.safetensors"), convert_checkpoint(src)[1]
+    assert ours.keys() == local.keys() and all(torch.equal(ours[k], local[k]) for k in ours)

@@ -69,3 +69,16 @@ def test_loading_our_format_never_imports_the_converter(tiny_reference, tmp_path
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_earlier_names_keep_working():
+    """Names code was written against before the segmentations and position terms were split up."""
+    packing = pv.Packing.from_grid([[1, 2, 3], [2, 1, 1]], num_prefix=1)
+    assert packing.tokens is packing.frames and packing.patches is packing.frame_patches
+    x, prefix = torch.randn(8, 4), torch.randn(1, 4)
+    assert torch.equal(packing.insert_prefix(x, prefix), packing.to_blocks(x, prefix))
+    base = dict(family="x", patch_size=4, hidden_size=32, num_layers=1, num_heads=2, mlp_hidden=48)
+    assert pv.EncoderConfig(**base, rope="normalized").positions == "rope2d"
+    assert pv.EncoderConfig(**base, pos_embed="sincos2d").positions == "sincos2d"
+    assert pv.EncoderConfig(**base, pos_embed="learned", pos_grid=(2, 2)).positions == "learned"
+    assert pv.patchify([torch.randn(3, 8, 8)], 4, layout="ppc")[0].shape == (4, 48)

@@ -40,12 +40,17 @@ def check_out_dir(src: Path, out: Path, force: bool) -> None:
     Replacing OUT removes what was there, so OUT equal to SRC, inside it or containing it would destroy the
     checkpoint being read. Both paths are compared with symlinks resolved, so no alias slips through.
     """
+    check_out_free(out, force)
     real_src, real_out = src.resolve(), out.resolve()
     if real_out == real_src or real_src in real_out.parents or real_out in real_src.parents:
         where = "is" if real_out == real_src else "contains" if real_out in real_src.parents else "is inside"
         raise CheckpointError(
             f"{out}: the output folder {where} the source checkpoint {src}; choose an OUT_DIR outside it"
         )
+
+
+def check_out_free(out: Path, force: bool) -> None:
+    """Refuse an ``out`` that is a file, or that exists without ``force`` (checked before any download)."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a folder; choose another OUT_DIR")
     if (out.exists() or out.is_symlink()) and not force:
@@ -53,6 +58,7 @@ def check_out_dir(src: Path, out: Path, force: bool) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    check_out_free(Path(args.out_dir), args.force)  # before fetching anything from the hub
     ckpt = read_checkpoint(args.src)
     check_out_dir(ckpt.path, Path(args.out_dir), args.force)  # before converting: fail fast, write nothing
     config, state, dropped = convert_directory(ckpt.path, ckpt, dtype=DTYPES.get(args.dtype))

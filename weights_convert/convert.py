@@ -103,7 +103,7 @@ def convert_directory(
         fam = family_for(_model_type(ckpt.config))
         select = getattr(fam, "select_keys", None)
         state, skipped = load_state_dict(
-            ckpt.path, None if select is None else lambda keys: select(keys, ckpt.config)
+            ckpt.path, None if select is None else lambda keys: select(keys, ckpt.config), ckpt.fetch
         )
         config, state, dropped = convert_loaded(ckpt.config, ckpt.preprocessor, state, skipped)
     except ConversionError as e:

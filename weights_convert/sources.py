@@ -11,6 +11,7 @@ Every failure is a :class:`~weights_convert.errors.ConversionError` naming the f
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from packvit_native.hub import locate
+from packvit_native.hub import CONFIG_PATTERNS, is_local, locate
 from packvit_native.io import check_regular_file
 
 from .errors import ConversionError
@@ -40,6 +41,7 @@ class Checkpoint:
     path: Path
     config: dict[str, Any]
     preprocessor: dict[str, Any] | None
+    fetch: Callable[[list[str]], Path] | None = None  # for a hub id: download these files into ``path``
 
 
 def _check_readable_file(path: Path, what: str) -> None:
@@ -103,8 +105,10 @@ def _check_numbers(path: Path, config: dict[str, Any]) -> None:
 
 
 def read_checkpoint(src: str | os.PathLike) -> Checkpoint:
-    """A checkpoint's directory and configs (hub ids are fetched into the local cache first)."""
-    path = locate(src)
+    """A checkpoint's directory and configs. For a hub id only the configs are fetched here; weights are
+    fetched file by file as a converter asks for them (a vision tower's shards, not a language model's)."""
+    path = locate(src, CONFIG_PATTERNS)
+    fetch = None if is_local(src) else functools.partial(locate, src)
     config_path = path / "config.json"
     if not config_path.exists() and not config_path.is_symlink():
         raise ConversionError(f"{path} has no config.json")
@@ -115,7 +119,7 @@ def read_checkpoint(src: str | os.PathLike) -> Checkpoint:
         _check_image_stats(pre, preprocessor)
     config = _read_json_object(config_path, "config")
     _check_numbers(config_path, config)
-    return Checkpoint(path, config, preprocessor)
+    return Checkpoint(path, config, preprocessor, fetch)
 
 
 def _safetensors_keys(file: Path) -> list[str]:
@@ -145,7 +149,7 @@ def _shard_path(root: Path, index: Path, shard: Any) -> Path:
 
 
 def _load_sharded(
-    path: Path, index: Path, select: KeySelector | None
+    path: Path, index: Path, select: KeySelector | None, fetch: Callable[[list[str]], Path] | None
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     weight_map = _read_json_object(index, "shard index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -155,6 +159,8 @@ def _load_sharded(
     by_file: dict[Path, list[str]] = {}
     for key in sorted(wanted):
         by_file.setdefault(files[key], []).append(key)
+    if fetch is not None:
+        fetch(sorted(f.name for f in by_file))
     state: dict[str, torch.Tensor] = {}
     for file, keys in by_file.items():
         if not file.exists() and not file.is_symlink():
@@ -184,18 +190,21 @@ def _load_pickle(file: Path, select: KeySelector | None) -> tuple[dict[str, torc
 
 
 def load_state_dict(
-    path: Path, select: KeySelector | None = None
+    path: Path, select: KeySelector | None = None, fetch: Callable[[list[str]], Path] | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The tensors of a checkpoint directory that ``select`` picks (all by default), and the names it skipped.
 
     Reads ``model.safetensors`` (or the one ``*.safetensors`` file), a sharded ``*.safetensors.index.json``,
-    or one foreign ``.bin`` / ``.pth`` / ``.pt`` pickle.
+    or one foreign ``.bin`` / ``.pth`` / ``.pt`` pickle. ``fetch`` (a hub checkpoint's) downloads weight files
+    by name first: of a sharded checkpoint only the shards that hold selected tensors.
     """
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         raise ConversionError(f"{path} holds several shard indexes: {[i.name for i in indexes]}")
     if indexes:
-        return _load_sharded(path, indexes[0], select)
+        return _load_sharded(path, indexes[0], select, fetch)
+    if fetch is not None:
+        fetch(["*.safetensors"])
     files = sorted(path.glob("*.safetensors"))
     if (path / "model.safetensors").is_file():  # beside other formats' files (e.g. open_clip's), this one
         files = [path / "model.safetensors"]
