@@ -103,7 +103,8 @@ def host_profile(run) -> None:
                 run()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        # PyTorch also warns that the debug mode is a prototype: only "called a synchronizing" is a sync.
+        syncs = [str(w.message).splitlines()[0] for w in caught if "called a synchronizing" in str(w.message)]
         print(
             f"  host-device synchronisations in one call: {len(syncs)}", *sorted(set(syncs))[:5], sep="\n    "
         )

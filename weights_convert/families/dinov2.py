@@ -10,8 +10,8 @@ One layout, two model_types that differ in data only: ``dinov2_with_registers`` 
 The position table's first row is the class token's entry (``positions.cls``); the rest is a square grid
 that transformers resizes to every other image size, in fp32: bicubic for ``Dinov2Model``, antialiased
 bicubic for ``Dinov2WithRegistersModel``, and the table unchanged at the trained square size. transformers
-casts the resized table back to the weight dtype before adding it; we keep it in fp32 and cast the sum (the
-same in fp32, closer to fp32 in bf16). The giant model's SwiGLU (``weights_in`` = [x1; x2],
+casts the resized table back to the weight dtype; we resize in fp32 in any case and cast the table to the
+activation dtype before the add, as transformers adds it (the same in fp32). The giant model's SwiGLU (``weights_in`` = [x1; x2],
 ``silu(x1) * x2``) is our ``gate_up`` as is; it is SiLU whatever ``hidden_act`` says. ``layerscale_value``
 only initialises ``lambda1``, which the checkpoint holds.
 

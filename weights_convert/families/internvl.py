@@ -5,8 +5,9 @@ Chen & al., "InternVL: Scaling up Vision Foundation Models and Aligning for Gene
 ``vision_tower.``, as the published -hf checkpoints hold it and transformers' save_pretrained writes it, or
 ``model.vision_tower.``, its module path; the language model is never read) or from the tower alone
 (``internvl_vision``). All of it config data: a class token; a learned square table with a row of its own for
-the class token, bicubically resized (fp32) at every size but the trained square one, as transformers'
-``interpolate_pos_encoding``, always on; LayerNorm (300M) or RMSNorm (6B) blocks with layer scale, q/k/v
+the class token, bicubically resized at every size but the trained square one, as transformers'
+``interpolate_pos_encoding``, always on (transformers resizes in the weight dtype, we in fp32: the same in
+fp32); LayerNorm (300M) or RMSNorm (6B) blocks with layer scale, q/k/v
 biases from ``attention_bias`` (the output projection always has one) and, for 6B, RMS norms over all heads of
 q and of k; with ``use_mean_pooling`` (every published config) no final norm, else a final LayerNorm.
 
