@@ -27,9 +27,17 @@ part number is claimed exclusively, so no run replaces another's part, and a per
 the same image's features. Two runs over the same images at once may both encode an image; with
 ``--format packed`` it is then stored in two parts, with the same features.
 
-Exit codes: 0 everything encoded; 1 some images were unreadable, the rest were encoded; 2 a fatal error (bad
-options, no images, an unusable ``--model`` or ``--out``, a full disk), reported in one line, with everything
-written before it kept; 130 interrupted (Ctrl-C), with the same guarantee. Rerunning the same command resumes.
+Webdataset tar shards and parquet files (paths or brace patterns such as ``data/{00000..00099}.tar``) are
+encoded shard by shard into ``DIR/NAME.parquet`` (one row per image: key, ``grid_thw``, the per-image embedding,
+kept metadata) and, with ``--tokens``, ``DIR/NAME.safetensors``; a rerun skips finished shards. ``--engine ray``
+runs the same on Ray Data. See :mod:`packvit_native.shards` and :mod:`packvit_native.ray_data`.
+``--num-shards N --shard-index I`` keeps the inputs at positions ``i % N == I`` of the sorted names, so N runs
+cover them once with no coordination beyond ``DIR``.
+
+Exit codes: 0 everything encoded; 1 some images (samples) were unreadable, the rest were encoded; 2 a fatal
+error (bad options, no images, an unusable ``--model`` or ``--out``, a full disk), reported in one line, with
+everything written before it kept; 130 interrupted (Ctrl-C), with the same guarantee. Rerunning the same
+command resumes.
 """
 
 from __future__ import annotations
@@ -68,11 +76,11 @@ MANIFEST = "packvit-encode.json"
 MANIFEST_VERSION = 2
 
 
-class _Fatal(Exception):
+class Fatal(Exception):
     """Encoding cannot go on: reported as one line with exit code 2; what was written before stays valid."""
 
 
-_KEPT = "the features written before are kept, rerun the same command to resume"
+KEPT = "the features written before are kept, rerun the same command to resume"
 
 
 @dataclass(frozen=True)
@@ -105,11 +113,11 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Item]:
     return items
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
     """An OS error's own words without the temporary file name it carries; other errors as they read."""
     return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
 
@@ -117,28 +125,34 @@ def _reason(e: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def _save(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], exclusive: bool = False) -> None:
-    """Write one safetensors file all or nothing (see :func:`atomic.write_file`); ``_Fatal`` if it fails."""
+def save_tensors(
+    path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], exclusive: bool = False
+) -> None:
+    """Write one safetensors file all or nothing (see :func:`atomic.write_file`); ``Fatal`` if it fails."""
     try:
         atomic.write_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), exclusive=exclusive)
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as a SafetensorError
         if exclusive and isinstance(e, FileExistsError):
             raise  # the name is taken: the caller claims another
-        raise _Fatal(f"cannot write {path}: {_reason(e)}; {_KEPT}") from None
+        raise Fatal(f"cannot write {path}: {reason(e)}; {KEPT}") from None
 
 
-def _feature_keys(layers: list[int] | None) -> list[str]:
+def feature_keys(layers: list[int] | None) -> list[str]:
     return ["features"] if not layers or len(layers) == 1 else [f"features.{i}" for i in layers]
 
 
-def _expected_keys(args: argparse.Namespace) -> set[str]:
+def expected_keys(args: argparse.Namespace) -> set[str]:
     """The tensors every output file of these settings holds."""
-    features = _feature_keys(args.layers)
+    features = feature_keys(args.layers)
     prefix = [k.replace("features", "prefix", 1) for k in features] if args.prefix else []
     return {"grid_thw", *features, *prefix}
 
 
-def _read_output(path: Path, keys: set[str], packed: bool) -> list[str] | None:
+class OtherSettings(ValueError):
+    """An output that is whole but holds other tensors than these settings write: another run's, not damage."""
+
+
+def read_output(path: Path, keys: set[str], packed: bool) -> list[str] | None:
     """Check that ``path`` is a whole output file; return its image names (packed) or ``None`` (per image).
 
     Reads headers and ``grid_thw`` only, enough to catch what a torn write or a power cut leaves: a file that is
@@ -149,13 +163,13 @@ def _read_output(path: Path, keys: set[str], packed: bool) -> list[str] | None:
         with safe_open(path, "pt") as f:
             found, metadata = set(f.keys()), f.metadata() or {}
             if found != keys:
-                raise ValueError(f"holds tensors {sorted(found)}, expected {sorted(keys)}")
+                raise OtherSettings(f"holds tensors {sorted(found)}, expected {sorted(keys)}")
             grid = f.get_tensor("grid_thw").clone()  # may map the file, which is closed below
             shapes = {k: f.get_slice(k).get_shape() for k in keys if k.startswith("features")}
     except (OSError, SafetensorError) as e:
-        raise ValueError(f"not a readable safetensors file: {_reason(e)}") from None
+        raise ValueError(f"not a readable safetensors file: {reason(e)}") from None
     images = grid.shape[0] if grid.ndim == 2 and grid.shape[1:] == (3,) else -1
-    names = _part_names(metadata) if packed else None
+    names = part_names(metadata) if packed else None
     if images < 1 or images != (len(names) if packed else 1) or bool((grid < 1).any()):
         raise ValueError(f"grid_thw {tuple(grid.shape)} does not describe its images")
     rows = int(grid.prod(1).sum())
@@ -164,7 +178,7 @@ def _read_output(path: Path, keys: set[str], packed: bool) -> list[str] | None:
     return names
 
 
-def _part_names(metadata: dict[str, str]) -> list[str]:
+def part_names(metadata: dict[str, str]) -> list[str]:
     try:
         names = json.loads(metadata["names"])
     except (KeyError, ValueError):
@@ -191,7 +205,9 @@ class _Writer:
                 continue
             self.next_part = max(self.next_part, int(number) + 1)
             try:
-                self.done.update(_read_output(part, self.keys, packed=True))
+                self.done.update(read_output(part, self.keys, packed=True))
+            except OtherSettings as e:  # a concurrent run's with other settings: never moved, refused
+                raise Fatal(f"{part} {e}: it was written with other settings; use another --out") from None
             except ValueError as e:
                 # Moved out of the way (not deleted) so readers of the folder do not trip over it and the
                 # damaged bytes stay available for a look; its images are simply not counted as done.
@@ -209,8 +225,8 @@ class _Writer:
         if not path.is_file():
             return False
         try:
-            _read_output(path, self.keys, packed=False)
-        except ValueError as e:
+            read_output(path, self.keys, packed=False)
+        except ValueError as e:  # damaged, or another run's: an image's file is simply written again
             self.say(f"packvit encode: {path} is damaged ({e}); encoding {item.path} again")
             return False
         return True
@@ -244,9 +260,9 @@ class _Writer:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise _Fatal(f"cannot create folder {path.parent}: {_reason(e)}; {_KEPT}") from None
+                raise Fatal(f"cannot create folder {path.parent}: {reason(e)}; {KEPT}") from None
             # Replacing is safe: another run writing this name writes the same image with the same model.
-            _save(path, tensors, {"source": str(item.path)})
+            save_tensors(path, tensors, {"source": str(item.path)})
             start += n
 
     def _claim_part(self, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
@@ -259,7 +275,7 @@ class _Writer:
             if path.exists():  # cheap skip of numbers taken meanwhile; the exclusive write is what decides
                 continue
             try:
-                _save(path, tensors, meta, exclusive=True)
+                save_tensors(path, tensors, meta, exclusive=True)
                 return
             except FileExistsError:
                 continue
@@ -268,7 +284,7 @@ class _Writer:
 # --------------------------------------------------------------------------------------------- the manifest
 
 
-def _sha256_state(config: Any, state: dict[str, Tensor]) -> str:
+def sha256_state(config: Any, state: dict[str, Tensor]) -> str:
     """sha256 of a model's content: its config and tensors (name, dtype, shape, bytes, in sorted name order).
 
     Taken on the tensors as loaded (no copy) rather than on files, so that a checkpoint and its conversion
@@ -282,40 +298,48 @@ def _sha256_state(config: Any, state: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _manifest(args: argparse.Namespace, sha256: str | None) -> dict[str, Any]:
+def build_manifest(args: argparse.Namespace, sha256: str | None) -> dict[str, Any]:
     """What decides the features' values and layout; a resumed run must match it. ``sha256`` identifies the
     model by content; the source is recorded for messages only, so a moved model still resumes."""
     model = Path(args.model)
+    settings: dict[str, Any] = {
+        "layers": args.layers,
+        "dtype": args.dtype,
+        "format": args.format,
+        "prefix": args.prefix,
+        "merge_size": args.merge_size,
+        "resize": {
+            "max_patches": args.max_patches,
+            "min_pixels": args.min_pixels,
+            "max_pixels": args.max_pixels,
+            "size": args.size,
+            "resample": args.resample,
+        },
+    }
+    # Keys added after version 2 appear only where they differ from what version 2 did, so folders written
+    # before them resume.
+    if args.format == "shards":
+        settings["tokens"] = args.tokens
+        settings["input"] = args.input
+    if args.decode != "cpu":
+        settings["decode"] = args.decode
     return {
         "packvit_encode": MANIFEST_VERSION,
         "model": {"source": str(model.resolve()) if model.is_dir() else args.model, "sha256": sha256},
-        "settings": {
-            "layers": args.layers,
-            "dtype": args.dtype,
-            "format": args.format,
-            "prefix": args.prefix,
-            "merge_size": args.merge_size,
-            "resize": {
-                "max_patches": args.max_patches,
-                "min_pixels": args.min_pixels,
-                "max_pixels": args.max_pixels,
-                "size": args.size,
-                "resample": args.resample,
-            },
-        },
+        "settings": settings,
     }
 
 
-def _read_manifest(out: Path) -> dict[str, Any] | None:
+def read_manifest(out: Path) -> dict[str, Any] | None:
     path = out / MANIFEST
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise _Fatal(f"{path} cannot be read ({_reason(e)}); encode into a new --out") from None
+        raise Fatal(f"{path} cannot be read ({reason(e)}); encode into a new --out") from None
     if not isinstance(data, dict) or "packvit_encode" not in data:
-        raise _Fatal(
+        raise Fatal(
             f"{out} was written by an older packvit encode that did not record which model made its features; "
             f"encode into a new --out"
         )
@@ -326,61 +350,59 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
         or not isinstance(model.get("sha256"), str)
         or not isinstance(data.get("settings"), dict)
     ):
-        raise _Fatal(
-            f"{path} is not a manifest this version of packvit encode reads; encode into a new --out"
-        )
+        raise Fatal(f"{path} is not a manifest this version of packvit encode reads; encode into a new --out")
     return data
 
 
-def _check_manifest(out: Path, previous: dict[str, Any], current: dict[str, Any]) -> None:
+def check_manifest(out: Path, previous: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to add to ``out`` what would not match its features (the model only once it is fingerprinted)."""
     before, now = previous["settings"], current["settings"]
     if before != now:
         diff = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-        raise _Fatal(
+        raise Fatal(
             f"{out} holds features made with other settings (differing: {', '.join(diff)}); "
             f"use another --out or the same settings"
         )
     old, new = previous["model"], current["model"]
     if new["sha256"] is not None and new["sha256"] != old["sha256"]:
         same_path = " (same path, other content)" if old.get("source") == new["source"] else ""
-        raise _Fatal(
+        raise Fatal(
             f"{out} holds features of model {old.get('source')} (sha256 {old['sha256'][:16]}), not of "
             f"--model {new['source']} (sha256 {new['sha256'][:16]}){same_path}; use another --out"
         )
 
 
-def _record_manifest(out: Path, manifest: dict[str, Any]) -> None:
+def record_manifest(out: Path, manifest: dict[str, Any]) -> None:
     """Write the manifest, or check the one a concurrent or earlier run wrote: it is never overwritten, so two
     runs with different models or settings cannot both go on in one folder."""
     text = json.dumps(manifest, indent=2) + "\n"
     try:
         atomic.write_file(out / MANIFEST, lambda tmp: tmp.write_text(text), exclusive=True)
     except FileExistsError:
-        previous = _read_manifest(out)
+        previous = read_manifest(out)
         if previous is not None:  # else it was deleted meanwhile: nothing to compare with
-            _check_manifest(out, previous, manifest)
+            check_manifest(out, previous, manifest)
     except OSError as e:
-        raise _Fatal(f"cannot write {out / MANIFEST}: {_reason(e)}; {_KEPT}") from None
+        raise Fatal(f"cannot write {out / MANIFEST}: {reason(e)}; {KEPT}") from None
 
 
 # ------------------------------------------------------------------------------------------------- set-up
 
 
-def _find_inputs(inputs: list[str]) -> list[Item]:
+def find_inputs(inputs: list[str]) -> list[Item]:
     try:
         items = find_images(inputs)
     except ValueError as e:
-        raise _Fatal(str(e)) from None
+        raise Fatal(str(e)) from None
     if not items:
-        raise _Fatal(f"no images found in {', '.join(inputs)} (looked for {' '.join(IMAGE_SUFFIXES)})")
+        raise Fatal(f"no images found in {', '.join(inputs)} (looked for {' '.join(IMAGE_SUFFIXES)})")
     return items
 
 
-def _prepare_out(out: Path, say: Callable[[str], None]) -> None:
+def prepare_out(out: Path, say: Callable[[str], None]) -> None:
     """Create ``out`` and prove it writable before any model is loaded; remove temp files of killed runs."""
     if out.exists() and not out.is_dir():
-        raise _Fatal(f"--out {out} exists and is not a folder")
+        raise Fatal(f"--out {out} exists and is not a folder")
     # Named like any temp file, so that a kill right here leaves nothing the next run does not clean up.
     probe = out / atomic.temp_name("probe")
     try:
@@ -388,45 +410,56 @@ def _prepare_out(out: Path, say: Callable[[str], None]) -> None:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         probe.unlink()
     except OSError as e:
-        raise _Fatal(f"cannot write into --out {out}: {_reason(e)}") from None
+        raise Fatal(f"cannot write into --out {out}: {reason(e)}") from None
     folders = [Path(root) for root, _, _ in os.walk(out)]
     removed = [p for folder in folders for p in atomic.remove_stale(folder)]
     if removed:
-        say(f"packvit encode: removed {_plural(len(removed), 'temporary file')} left by an interrupted run")
+        say(f"packvit encode: removed {plural(len(removed), 'temporary file')} left by an interrupted run")
 
 
-def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
-    """Load ``--model`` as :func:`~packvit_native.from_pretrained` does, and fingerprint its config and
-    tensors in between (before the cast to ``--dtype``), so the weights are read once."""
-    from .hub import locate
+def load_state(src: str) -> tuple[Any, dict[str, Tensor], str]:
+    """Read ``--model`` as :func:`~packvit_native.from_pretrained` does: ``(config, tensors, sha256)``, the
+    fingerprint taken on the tensors as read (before any cast), so the weights are read once."""
+    from .hub import CONFIG_PATTERNS, locate
     from .io import is_native_dir, load_native
+
+    path = locate(src, CONFIG_PATTERNS)  # a hub id: the configs first, to learn what else to fetch
+    if is_native_dir(path):
+        config, state = load_native(locate(src))
+    else:
+        from weights_convert.convert import convert_checkpoint
+
+        config, state, _ = convert_checkpoint(src)  # fetches only the weights the family reads
+    return config, state, sha256_state(config, state)
+
+
+def load_model(
+    args: argparse.Namespace, device: torch.device, attn_backend: str | None = None
+) -> tuple[Any, str]:
+    """Load ``--model`` onto ``device`` in ``--dtype`` with ``--merge-size``; ``(model, sha256)``."""
     from .loading import build_model
 
-    path = locate(args.model)
-    if is_native_dir(path):
-        config, state = load_native(path)
-    else:
-        from weights_convert.convert import convert_directory
-
-        config, state, _ = convert_directory(path)
-    sha256 = _sha256_state(config, state)
+    config, state, sha256 = load_state(args.model)
     model = build_model(
         config, state, device=device, dtype=DTYPES[args.dtype], merge_size=args.merge_size,
-        attn_backend=args.attn_backend,
+        attn_backend=attn_backend or args.attn_backend,
     )  # fmt: skip
     return model, sha256
 
 
-def _load_model_or_fail(args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
+def load_model_or_fail(
+    args: argparse.Namespace, device: torch.device, attn_backend: str | None = None
+) -> tuple[Any, str]:
+    """:func:`load_model`, any failure reported as one :class:`Fatal` line."""
     try:
-        return _load_model(args, device)
+        return load_model(args, device, attn_backend)
     except ValueError as e:  # CheckpointError and bad options: their messages name the file or the option
-        raise _Fatal(str(e)) from None
+        raise Fatal(str(e)) from None
     except Exception as e:  # a damaged checkpoint can fail anywhere in its readers: one line, not a traceback
-        raise _Fatal(f"cannot load --model {args.model}: {type(e).__name__}: {_reason(e)}") from None
+        raise Fatal(f"cannot load --model {args.model}: {type(e).__name__}: {reason(e)}") from None
 
 
-def _resize_rule(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+def resize_rule(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     """The resize rule, checked once against the model before the first image."""
     from .preprocess import target_size
 
@@ -437,10 +470,10 @@ def _resize_rule(args: argparse.Namespace, model: Any) -> dict[str, Any]:
         if args.layers:
             model._layer_indices(tuple(args.layers))
     except ValueError as e:
-        raise _Fatal(str(e)) from None
+        raise Fatal(str(e)) from None
     fixed = model.config.fixed_size is not None
     if fixed and any(rule[k] is not None for k in ("max_patches", "min_pixels", "max_pixels")):
-        raise _Fatal(
+        raise Fatal(
             f"{args.model} runs only at its trained size of {model.config.pos_grid} patches; drop "
             f"--max-patches/--min-pixels/--max-pixels (its trained size is the default)"
         )
@@ -450,11 +483,15 @@ def _resize_rule(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- encoding
 
 
-def _prefetch(items: list[Item], load: Callable[[Item], Any], workers: int) -> Iterator[tuple[Item, Future]]:
-    """Yield ``(item, future of load(item))`` in order, keeping at most ``2 * workers`` loads in flight."""
+def prefetch(items: Iterable[Any], load: Callable[[Any], Any], workers: int) -> Iterator[tuple[Any, Future]]:
+    """Yield ``(item, future of load(item))`` in order, keeping at most ``2 * workers`` loads in flight.
+
+    ``items`` may be a lazy iterator (a stream of samples read from a shard): it is advanced in the caller's
+    thread, one item ahead of each one handed out.
+    """
     pool = ThreadPoolExecutor(workers)
     try:
-        queue: deque[tuple[Item, Future]] = deque()
+        queue: deque[tuple[Any, Future]] = deque()
         ahead = iter(items)
         for item in ahead:
             queue.append((item, pool.submit(load, item)))
@@ -470,7 +507,22 @@ def _prefetch(items: list[Item], load: Callable[[Item], Any], workers: int) -> I
         pool.shutdown(wait=True, cancel_futures=True)  # after Ctrl-C, do not decode the queued images first
 
 
-def _run_model(
+def token_outputs(
+    result: Tensor | tuple[Tensor, ...], packing: Any, args: argparse.Namespace
+) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """A forward's token tensors by stored name: ``{name: (patch tokens [N, D], prefix tokens [B, k, D] or
+    None)}`` on the CPU, for the layers and ``--prefix`` of ``args``."""
+    result = result if isinstance(result, tuple) else (result,)
+    outputs = {}
+    for key, tokens in zip(feature_keys(args.layers), result, strict=True):
+        if args.prefix:
+            outputs[key] = (packing.patch_tokens(tokens).cpu(), packing.prefix_tokens(tokens).cpu())
+        else:
+            outputs[key] = (tokens.cpu(), None)
+    return outputs
+
+
+def run_model(
     model: Any, batch: list[tuple[Item, Tensor, Tensor]], args: argparse.Namespace, device: torch.device
 ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor | None]]]:
     """Encode one batch; ``(grid_thw, {tensor name: (patch tokens, prefix tokens or None)})`` on the CPU."""
@@ -480,72 +532,153 @@ def _run_model(
     layers = tuple(args.layers) if args.layers else None
     with torch.inference_mode():
         result = model(patches, packing=packing, output_layers=layers, return_prefix=args.prefix)
-    result = result if isinstance(result, tuple) else (result,)
-    outputs = {}
-    for key, tokens in zip(_feature_keys(args.layers), result, strict=True):
-        if args.prefix:
-            outputs[key] = (packing.patch_tokens(tokens).cpu(), packing.prefix_tokens(tokens).cpu())
-        else:
-            outputs[key] = (tokens.cpu(), None)
-    return grids, outputs
+    return grids, token_outputs(result, packing, args)
 
 
-def encode(args: argparse.Namespace) -> int:
-    """Run ``packvit encode``; returns the exit code, raises ``_Fatal`` or ``KeyboardInterrupt``."""
-    import packvit_native as pv
+def throughput(images: int, wall_s: float, model_s: float) -> str:
+    """The run summary's speeds: the whole pipeline (reading, decoding, encoding, writing) and the model alone
+    (time inside the forward, host-device copies included)."""
+    whole = f"{images / wall_s:.1f} img/s end to end" if wall_s > 0 else "end to end not measured"
+    alone = f"{images / model_s:.1f} img/s in the model alone" if model_s > 0 else "model time not measured"
+    return f"{whole}, {alone}"
 
-    from .attention import resolve_backend
 
-    def say(msg: str) -> None:
-        tqdm.write(msg, file=sys.stderr)  # printed above the progress bar, not through it
-
-    out = Path(args.out)
+def resolve_device(args: argparse.Namespace) -> torch.device:
+    """``--device`` (default: cuda if available), and from it the default ``--dtype``."""
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
-        raise _Fatal(f"--device {args.device}: {e}") from None
+        raise Fatal(f"--device {args.device}: {e}") from None
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    items = _find_inputs(args.inputs)
-    _prepare_out(out, say)
-    manifest = _manifest(args, sha256=None)
-    previous = _read_manifest(out)
-    if previous is not None:
-        _check_manifest(out, previous, manifest)  # settings now, before a possibly long model load
-    writer = _Writer(out, args.format == "packed", _expected_keys(args), say)
-    todo = [i for i in items if not writer.written(i)]
-    skipped = len(items) - len(todo)
-    if skipped:
-        say(f"packvit encode: skipping {skipped} of {_plural(len(items), 'image')}, already in {out}")
+    return device
+
+
+def check_device(args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse a CUDA device without a GPU, and an attention backend that cannot run on ``device``."""
+    from .attention import resolve_backend
+
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise _Fatal(f"--device {device} asked for, but no CUDA GPU is available")
+        raise Fatal(f"--device {device} asked for, but no CUDA GPU is available")
     try:
         resolve_backend(args.attn_backend, device)
     except ValueError as e:
-        raise _Fatal(str(e)) from None
+        raise Fatal(str(e)) from None
+    if args.decode == "gpu" and device.type != "cuda":
+        raise Fatal("--decode gpu decodes JPEGs on a CUDA device; this run's --device is " + str(device))
+
+
+def share(items: list[Any], num_shards: int, shard_index: int, name: Callable[[Any], str]) -> list[Any]:
+    """This run's share of ``items`` under ``--num-shards N --shard-index I``: sorted by name, every item whose
+    position ``i`` has ``i % N == I``. Runs with the same N and each I cover all items once, with no
+    coordination."""
+    if num_shards == 1:
+        return items
+    return [item for i, item in enumerate(sorted(items, key=name)) if i % num_shards == shard_index]
+
+
+def encode(args: argparse.Namespace) -> int:
+    """Run ``packvit encode``; returns the exit code, raises ``Fatal`` or ``KeyboardInterrupt``."""
+    from . import shards
+
+    kind = shards.input_kind(args.inputs)
+    check_options(args, kind)
+    if kind != "files":
+        return shards.encode_shards(args, kind, _say)
+    return _encode_files(args)
+
+
+def check_options(args: argparse.Namespace, kind: str) -> None:
+    """Options that do not fit the inputs or each other, refused before anything is read or written."""
+    if args.engine == "local":
+        args.workers = args.workers or 4
+    if not 0 <= args.shard_index < args.num_shards:
+        raise Fatal(f"--shard-index {args.shard_index} is not in 0..{args.num_shards - 1} (--num-shards)")
+    shard_only = {
+        "--image-column": args.image_column, "--key-column": args.key_column,
+        "--keep-columns": args.keep_columns, "--tokens": args.tokens or None,
+    }  # fmt: skip
+    if kind == "files":
+        given = [name for name, value in shard_only.items() if value is not None]
+        if given:
+            raise Fatal(f"{', '.join(given)} apply to webdataset or parquet shards, not to image files")
+        if args.engine != "local":
+            raise Fatal(
+                "--engine ray reads webdataset or parquet shards; encode image files with --engine local"
+            )
+        args.format = args.format or "per-image"
+        return
+    if args.format is not None:
+        raise Fatal(
+            "--format applies to image files; shards are written as NAME.parquet (+ NAME.safetensors)"
+        )
+    args.format = "shards"
+    if (args.layers or args.prefix) and not args.tokens:
+        raise Fatal("--layers and --prefix choose the token features stored with --tokens; add --tokens")
+    if kind != "parquet" and (args.image_column or args.key_column or args.keep_columns):
+        raise Fatal("--image-column, --key-column and --keep-columns apply to parquet shards")
+    if args.engine == "local" and (args.address or args.gpus_per_worker is not None):
+        raise Fatal("--address and --gpus-per-worker apply to --engine ray")
+    if args.engine == "ray" and args.decode == "gpu":
+        raise Fatal("--decode gpu applies to --engine local; --engine ray decodes in CPU tasks")
+
+
+def _say(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)  # printed above the progress bar, not through it
+
+
+def _encode_files(args: argparse.Namespace) -> int:
+    """``packvit encode`` over image files and folders."""
+    import packvit_native as pv
+
+    say = _say
+    out = Path(args.out)
+    device = resolve_device(args)
+    items = share(find_inputs(args.inputs), args.num_shards, args.shard_index, lambda i: i.name)
+    prepare_out(out, say)
+    manifest = build_manifest(args, sha256=None)
+    previous = read_manifest(out)
+    if previous is not None:
+        check_manifest(out, previous, manifest)  # settings now, before a possibly long model load
+    writer = _Writer(out, args.format == "packed", expected_keys(args), say)
+    todo = [i for i in items if not writer.written(i)]
+    skipped = len(items) - len(todo)
+    if skipped:
+        say(f"packvit encode: skipping {skipped} of {plural(len(items), 'image')}, already in {out}")
+    check_device(args, device)
     # Loaded even when nothing is left, so that a rerun with another model is refused, not reported as done.
-    model, sha256 = _load_model_or_fail(args, device)
+    model, sha256 = load_model_or_fail(args, device)
     manifest["model"]["sha256"] = sha256
     if previous is not None:
-        _check_manifest(out, previous, manifest)
+        check_manifest(out, previous, manifest)
     if not todo:
         say("packvit encode: nothing left to encode")
         return 0
-    rule = _resize_rule(args, model)
+    rule = resize_rule(args, model)
 
-    def load(item: Item) -> tuple[Tensor, Tensor]:
-        return pv.preprocess(
-            item.path, model, resample=args.resample, max_decoded_pixels=args.max_decoded_pixels, **rule
-        )
+    if args.decode == "gpu":
+        from .shards import preprocess_bytes
+
+        def load(item: Item) -> tuple[Tensor, Tensor]:
+            return preprocess_bytes(item.path.read_bytes(), model.config, args, rule, device, str(item.path))
+
+    else:
+
+        def load(item: Item) -> tuple[Tensor, Tensor]:
+            return pv.preprocess(
+                item.path, model, resample=args.resample, max_decoded_pixels=args.max_decoded_pixels, **rule
+            )
 
     started = time.perf_counter()
-    encoded, patch_tokens, failed = _encode_items(todo, load, model, writer, manifest, args, device)
+    encoded, patch_tokens, failed, model_s = _encode_items(todo, load, model, writer, manifest, args, device)
+    wall_s = time.perf_counter() - started
     say(
-        f"packvit encode: encoded {_plural(encoded, 'image')} ({_plural(patch_tokens, 'patch token')}) "
-        f"in {time.perf_counter() - started:.1f}s into {out}"
+        f"packvit encode: encoded {plural(encoded, 'image')} ({plural(patch_tokens, 'patch token')}) "
+        f"in {wall_s:.1f}s into {out}"
         + (f"; {skipped} already there" if skipped else "")
+        + f"; {throughput(encoded, wall_s, model_s)}"
     )
     if failed:
-        say(f"packvit encode: {_plural(len(failed), 'image')} unreadable: " + ", ".join(map(str, failed)))
+        say(f"packvit encode: {plural(len(failed), 'image')} unreadable: " + ", ".join(map(str, failed)))
         return 1
     return 0
 
@@ -558,34 +691,39 @@ def _encode_items(
     manifest: dict[str, Any],
     args: argparse.Namespace,
     device: torch.device,
-) -> tuple[int, int, list[Path]]:
+) -> tuple[int, int, list[Path], float]:
     """Decode ahead, fill batches up to ``--max-tokens`` (prefix tokens included), encode and write them.
 
-    Returns the number of images encoded, their patch tokens, and the unreadable files.
+    Returns the number of images encoded, their patch tokens, the unreadable files and the seconds spent in
+    the model.
     """
     failed: list[Path] = []
     encoded = patch_tokens = 0
+    model_s = 0.0
     num_prefix = model.config.num_prefix
 
     def flush(batch: list[tuple[Item, Tensor, Tensor]]) -> None:
-        nonlocal encoded, patch_tokens
+        nonlocal encoded, patch_tokens, model_s
+        started = time.perf_counter()
         try:
-            grids, outputs = _run_model(model, batch, args, device)
+            grids, outputs = run_model(model, batch, args, device)
         except (ValueError, RuntimeError) as e:  # e.g. a size the model refuses, or out of memory
-            raise _Fatal(
-                f"encoding {len(batch)} images from {batch[0][0].path} failed: {e}; {_KEPT}"
-            ) from None
+            raise Fatal(f"encoding {len(batch)} images from {batch[0][0].path} failed: {e}; {KEPT}") from None
+        model_s += time.perf_counter() - started  # the outputs are on the CPU: the forward has finished
         if not encoded:
             # Recorded with the first features, so a run that fails before writing any leaves no manifest
             # behind and can be rerun with other settings.
-            _record_manifest(writer.out, manifest)
-        writer.write([i for i, _, _ in batch], grids, outputs)
+            record_manifest(writer.out, manifest)
+        items = [i for i, _, _ in batch]
+        writer.write(items, grids, outputs)
+        if args.preview:
+            _write_previews(writer.out, items, grids, next(iter(outputs.values()))[0], model.config)
         encoded += len(batch)
         patch_tokens += int(grids.prod(1).sum())
         bar.update(len(batch))
 
     bar = tqdm(total=len(todo), unit="img", desc="encode", disable=None)  # shown on a terminal only
-    with contextlib.closing(_prefetch(todo, load, args.workers)) as loads, bar:
+    with contextlib.closing(prefetch(todo, load, args.workers)) as loads, bar:
         batch: list[tuple[Item, Tensor, Tensor]] = []
         batch_tokens = 0
         for item, future in loads:
@@ -605,7 +743,22 @@ def _encode_items(
             batch_tokens += n
         if batch:
             flush(batch)
-    return encoded, patch_tokens, failed
+    return encoded, patch_tokens, failed, model_s
+
+
+def _write_previews(out: Path, items: list[Item], grids: Tensor, tokens: Tensor, config: Any) -> None:
+    """``OUT/<name>.pca.png`` per image: its patch tokens' first three principal components as RGB."""
+    from .preview import pca_rgb, write_png
+
+    start = 0
+    for item, (t, h, w) in zip(items, grids.tolist(), strict=True):
+        n = t * h * w
+        rgb = pca_rgb(tokens[start : start + n], h, w, config.merge_size)  # the first frame of a clip
+        start += n
+        try:
+            write_png(out / f"{item.name}.pca.png", rgb, config.patch_size)
+        except OSError as e:
+            raise Fatal(f"cannot write the preview of {item.path}: {reason(e)}; {KEPT}") from None
 
 
 # -------------------------------------------------------------------------------------------- command line
@@ -648,7 +801,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated layers to store instead of the final output, numbered as hidden_states "
         "(0 = embeddings, -1 = last block before the final norm, -2 = the one before), e.g. --layers=-2",
     )  # fmt: skip
-    enc.add_argument("--format", choices=("per-image", "packed"), default="per-image")
+    enc.add_argument(
+        "--format", choices=("per-image", "packed"), default=None,
+        help="layout for image files (default per-image); shards are always written per shard",
+    )  # fmt: skip
     enc.add_argument("--prefix", action="store_true", help="also store the prefix tokens (class, registers)")
     enc.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     enc.add_argument(
@@ -672,14 +828,78 @@ def build_parser() -> argparse.ArgumentParser:
         "--merge-size", type=_positive_int, default=None, help="store tokens in m x m merge order"
     )
     enc.add_argument(
-        "--workers", type=_positive_int, default=4, help="threads decoding images ahead (default 4)"
-    )
+        "--workers", type=_positive_int, default=None,
+        help="--engine local: threads decoding images ahead (default 4); --engine ray: model actors (default: "
+        "the cluster's GPUs / --gpus-per-worker, or 1 without GPUs)",
+    )  # fmt: skip
     enc.add_argument(
         "--max-decoded-pixels", type=_positive_int, default=MAX_DECODED_PIXELS, metavar="N",
         help="report an image file declaring more than N pixels (width x height) as unreadable instead of "
         f"decoding it (default {MAX_DECODED_PIXELS} = 8192 x 8192)",
     )  # fmt: skip
+    shards = enc.add_argument_group(
+        "shards", "webdataset tar shards (paths or brace patterns such as data/{00000..00099}.tar) and parquet "
+        "files are encoded shard by shard into OUT/NAME.parquet (+ OUT/NAME.safetensors with --tokens)",
+    )  # fmt: skip
+    shards.add_argument(
+        "--tokens", action="store_true", help="also store every image's token features in NAME.safetensors"
+    )
+    shards.add_argument(
+        "--image-column", default=None, help="parquet: the image bytes column (default image)"
+    )
+    shards.add_argument("--key-column", default=None, help="parquet: the sample key column (default key)")
+    shards.add_argument(
+        "--keep-columns", type=_parse_names, default=None, metavar="A,B",
+        help="parquet: other columns copied into the output rows (default none)",
+    )  # fmt: skip
+    shards.add_argument(
+        "--num-shards", type=_positive_int, default=1, metavar="N",
+        help="split the inputs (shards, or image files) by sorted name, position i going to run i %% N; with "
+        "--shard-index, for slurm arrays or torchrun (default 1)",
+    )  # fmt: skip
+    shards.add_argument(
+        "--shard-index", type=int, default=0, metavar="I", help="this run's share, 0..N-1 (default 0)"
+    )
+    shards.add_argument(
+        "--engine", choices=("local", "ray"), default="local",
+        help="local: this process (default); ray: Ray Data, decoding in CPU tasks, the model in actors",
+    )  # fmt: skip
+    shards.add_argument(
+        "--address", default=None, help="--engine ray: the Ray cluster (default: local/RAY_ADDRESS)"
+    )
+    shards.add_argument(
+        "--gpus-per-worker", type=float, default=None, metavar="G",
+        help="--engine ray: GPUs per model actor (default 1 if the cluster has GPUs, else 0)",
+    )  # fmt: skip
+    enc.add_argument(
+        "--preview", action="store_true",
+        help="write per image a PNG of the first three principal components of its patch features as RGB "
+        "(OUT/<name>.pca.png, or OUT/NAME.pca/<key>.png for shards)",
+    )  # fmt: skip
+    enc.add_argument(
+        "--decode", choices=("cpu", "gpu"), default="cpu",
+        help="gpu: decode JPEGs with torchvision.io.decode_jpeg on the CUDA device and resize them there "
+        "(needs torchvision; features close to, not bit-identical with, the default PIL path)",
+    )  # fmt: skip
     return parser
+
+
+def _parse_names(text: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names, got {text!r}")
+    return names
+
+
+def encode_args(**given: Any) -> argparse.Namespace:
+    """``packvit encode``'s settings with its defaults, for callers that are not the command line (the Ray
+    entry point): one home for every default. Unknown names are refused."""
+    args = build_parser().parse_args(["encode", "--model", "-", "--out", "-", "-"])
+    unknown = sorted(set(given) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"unknown encode settings: {', '.join(unknown)}")
+    vars(args).update(given)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -694,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
             # --max-decoded-pixels is checked before PIL's own, looser bomb check, whose warning is noise here
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return encode(args)
-    except _Fatal as e:
+    except Fatal as e:
         message = " ".join(str(e).split())  # one line, whatever a library's message held
         print(f"packvit encode: error: {message}", file=sys.stderr)
         return 2

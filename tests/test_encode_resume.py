@@ -181,6 +181,22 @@ def test_a_damaged_packed_part_is_reported_and_its_images_redone(model_dir, tmp_
     assert (out / "part-00001.safetensors.damaged").read_bytes() == data[: len(data) // 2]
 
 
+def test_a_whole_part_with_other_tensors_is_refused_not_moved(model_dir, tmp_path, capsys):
+    """A part that opens but holds other tensors was written by a run with other settings (a concurrent one,
+    before its manifest appeared): it is left alone and this run is refused, not taken for damage."""
+    images, out = _images(tmp_path / "images", ["a.png", "b.png"]), tmp_path / "out"
+    args = ("--model", model_dir, "--out", out, images, "--format", "packed")
+    assert _encode(*args, "--prefix") == 0
+    (out / cli.MANIFEST).unlink()  # as a second run sees the folder before the first records its manifest
+    part = out / "part-00000.safetensors"
+    before = part.read_bytes()
+    capsys.readouterr()
+    assert _encode(*args) == 2
+    err = capsys.readouterr().err
+    assert "written with other settings" in err and "damaged" not in err
+    assert part.read_bytes() == before and not part.with_name(part.name + ".damaged").exists()
+
+
 @pytest.mark.parametrize("layout", ["per-image", "packed"])
 def test_outputs_respect_the_umask(model_dir, tmp_path, layout):
     images, out = _images(tmp_path / "images", ["a.png", "sub/b.png"]), tmp_path / "out"

@@ -1,0 +1,858 @@
+"""``packvit encode`` over shards: webdataset tar files and parquet files, streamed, one output per shard.
+
+Inputs (nothing is extracted to disk):
+
+webdataset (``NAME.tar``, or a brace pattern such as ``data/{00000..00099}.tar``)
+    Read in one pass with :mod:`tarfile` in streaming mode. Members are grouped into samples by key, the path up
+    to the first dot of the file name (``a/b.c.jpg`` has key ``a/b``, extension ``c.jpg``), as webdataset
+    does; a sample's members must be adjacent. The image is the ``jpg``, ``jpeg``, ``png`` or ``webp`` member (the
+    first present, in that order); ``json`` and ``txt`` members are kept as text columns of the same names.
+    Other members are ignored.
+parquet (``NAME.parquet``)
+    Read row group by row group. ``--image-column`` (default ``image``) holds encoded image bytes, either as
+    a binary column or as a struct with a ``bytes`` field (the Hugging Face ``datasets`` image layout);
+    ``--key-column`` (default ``key``) names each sample; ``--keep-columns`` are copied to the outputs.
+
+Outputs, per input shard ``NAME`` in ``--out``:
+
+``NAME.parquet``
+    One row per encoded image, in the shard's order: ``key`` (string), ``grid_thw`` (``int64[3]``),
+    ``embedding`` (``float32[D]``, see :func:`image_embeddings`), ``image_embeds`` (``float32[P]``, models
+    with a projection only), then the kept metadata (``json``/``txt``, or ``--keep-columns``). Its schema
+    metadata ``packvit`` is the shard's record (JSON): the settings and model fingerprint of the folder's
+    manifest, the source shard, the number of images, the **error list** (``[{"key", "error"}]``, one entry per
+    unreadable sample or unreadable stretch of an archive) and the token file's write id.
+``NAME.safetensors`` (with ``--tokens``)
+    The layout of a packed part: ``features [N, D]`` (``features.<layer>`` per ``--layers``), ``prefix [B, k,
+    D]`` with ``--prefix``, ``grid_thw [B, 3]``, and the index from key to rows: ``offsets [B + 1]`` (image
+    ``i``'s tokens are rows ``offsets[i]:offsets[i+1]``) with the keys, in the same order, in the metadata under
+    ``names`` (a JSON list).
+``NAME.pca/<key>.png`` (with ``--preview``)
+    See :mod:`packvit_native.preview`; keys are percent-encoded into file names.
+
+Each file is written atomically (:mod:`packvit_native.atomic`), the parquet file last: **a shard is finished
+when its NAME.parquet exists** and its record matches the folder's manifest (and its token file, whole, carries
+the same write id). A rerun skips finished shards and redoes the others from the start, replacing whatever an
+interrupted attempt left, so no sample is ever stored twice. Unreadable samples are listed in the record and
+reported, and the run goes on (exit code 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import secrets
+import tarfile
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import atomic
+from .cli import (
+    KEPT,
+    MANIFEST_VERSION,
+    Fatal,
+    build_manifest,
+    check_device,
+    check_manifest,
+    expected_keys,
+    load_model_or_fail,
+    plural,
+    prefetch,
+    prepare_out,
+    read_manifest,
+    read_output,
+    reason,
+    record_manifest,
+    resize_rule,
+    resolve_device,
+    save_tensors,
+    share,
+    throughput,
+    token_outputs,
+)
+
+__all__ = [
+    "Sample",
+    "Shard",
+    "encode_shards",
+    "expand_braces",
+    "find_shards",
+    "image_embeddings",
+    "input_kind",
+    "read_shard",
+]
+
+SHARD_KINDS = {".tar": "webdataset", ".parquet": "parquet"}
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # a sample's image member, first present wins
+META_EXTENSIONS = ("json", "txt")  # kept as text columns
+RECORD_KEY = b"packvit"
+# Columns every shard output has; kept metadata may not take these names.
+BASE_COLUMNS = ("key", "grid_thw", "embedding", "image_embeds")
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet  # the submodule, for pa.parquet below
+    except ImportError:
+        raise Fatal(
+            'shards are written as parquet, which needs pyarrow: pip install "packvit-native[shards]"'
+        ) from None
+    return pa
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{a,b}`` lists and ``{000..099}`` ranges (zero-padded when a bound is), left to right, as a
+    shell does: ``data/{0..1}-{a,b}.tar`` -> ``data/0-a.tar, data/0-b.tar, data/1-a.tar, data/1-b.tar``."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numbers = _RANGE.fullmatch(body)
+    if numbers:
+        lo, hi = numbers.groups()
+        pad = (
+            max(len(lo), len(hi))
+            if any(len(b.lstrip("-")) > 1 and b.lstrip("-")[0] == "0" for b in (lo, hi))
+            else 0
+        )
+        step = 1 if int(hi) >= int(lo) else -1
+        values = [str(i).zfill(pad) for i in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        values = body.split(",")
+    else:
+        raise ValueError(f"{pattern}: cannot expand {{{body}}}; use {{a,b,c}} or {{000..099}}")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [path for value in values for path in expand_braces(head + value + tail)]
+
+
+def _expanded(inputs: list[str]) -> list[str]:
+    try:
+        return [path for raw in inputs for path in expand_braces(str(raw))]
+    except ValueError as e:
+        raise Fatal(str(e)) from None
+
+
+def input_kind(inputs: list[str]) -> str:
+    """``"webdataset"``, ``"parquet"`` (by the inputs' suffixes) or ``"files"`` (images and folders, as before
+    shards existed); mixing kinds is refused."""
+    kinds = {SHARD_KINDS.get(Path(path).suffix.lower(), "files") for path in _expanded(inputs)}
+    if len(kinds) > 1:
+        raise Fatal(f"inputs mix {' and '.join(sorted(kinds))}; encode each kind in its own run")
+    return kinds.pop()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One input shard: where it is read from, and the name its outputs are stored under."""
+
+    path: Path
+    name: str
+
+
+def find_shards(inputs: list[str]) -> list[Shard]:
+    """Expand brace patterns into shards sorted by name; ``Fatal`` for a missing file or clashing names."""
+    shards: dict[str, Shard] = {}
+    for raw in _expanded(inputs):
+        path = Path(raw)
+        if not path.is_file():
+            raise Fatal(f"{raw}: no such file")
+        shard = Shard(path, path.name[: -len(path.suffix)])
+        other = shards.setdefault(shard.name, shard)
+        if other.path.resolve() != path.resolve():
+            raise Fatal(f"{other.path} and {path} would both be stored as {shard.name}.parquet")
+    return sorted(shards.values(), key=lambda s: s.name)
+
+
+@dataclass
+class Sample:
+    """One sample of a shard: its position, key, image bytes and kept metadata, or why it cannot be read."""
+
+    index: int
+    key: str | None
+    data: bytes | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """webdataset's rule: key = path up to the first dot of the file name, extension = the rest (lowercased)."""
+    match = re.fullmatch(r"((?:.*/|)[^./][^.]*)\.([^/]*)", name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """Remembers whether the last header block read was whole, and the end-of-archive block: tarfile ends a
+    stream silently at a missing or cut header, which is how an archive cut short at a header looks."""
+
+    ends: dict[str, bool]
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        cls.ends["marker"] = len(buf) == tarfile.BLOCKSIZE and not buf.strip(tarfile.NUL)
+        return super().frombuf(buf, encoding, errors)
+
+
+def read_webdataset(path: Path) -> Iterator[Sample]:
+    """The samples of a webdataset tar file, streamed in one pass (see the module docstring)."""
+    index, seen = 0, set()
+    ends = {"marker": False}
+    tarinfo = type("_TarInfo", (_EndCheckingTarInfo,), {"ends": ends})  # this reader's own record
+    key: str | None = None
+    members: dict[str, bytes] = {}
+
+    def sample() -> Sample:
+        nonlocal index
+        index += 1
+        if key in seen:
+            return Sample(index - 1, key, error="duplicate key (its members are not adjacent in the archive)")
+        seen.add(key)
+        meta = {
+            ext: members[ext].decode("utf-8", "replace") if ext in members else None
+            for ext in META_EXTENSIONS
+        }
+        image = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+        if image is None:
+            return Sample(index - 1, key, meta=meta, error=f"no image member ({', '.join(IMAGE_EXTENSIONS)})")
+        return Sample(index - 1, key, members[image], meta)
+
+    try:
+        with tarfile.open(path, mode="r|*", tarinfo=tarinfo) as tar:
+            for member in tar:
+                parts = _split_name(member.name) if member.isfile() else None
+                if parts is None:
+                    continue
+                if parts[0] != key:
+                    if key is not None:
+                        yield sample()
+                    key, members = parts[0], {}
+                if parts[1] in IMAGE_EXTENSIONS or parts[1] in META_EXTENSIONS:
+                    members[parts[1]] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        if key is not None and members:
+            yield sample()  # what was read whole before the damage; a cut image fails to decode
+        yield Sample(index, None, error=f"archive unreadable after {plural(index, 'sample')}: {reason(e)}")
+        return
+    if key is not None:
+        yield sample()
+    if not ends["marker"]:
+        yield Sample(
+            index, None, error=f"archive cut short after {plural(index, 'sample')}: no end-of-archive block"
+        )
+
+
+def parquet_columns(args: argparse.Namespace) -> tuple[str, str, list[str]]:
+    """``(image column, key column, kept columns)``."""
+    return args.image_column or "image", args.key_column or "key", list(args.keep_columns or [])
+
+
+def check_parquet_schema(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The kept columns' types; ``ValueError`` if a named column is missing or the image column holds no
+    bytes."""
+    pa = _pyarrow()
+    image, key, keep = parquet_columns(args)
+    try:
+        schema = pa.parquet.read_schema(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"not a readable parquet file: {e}") from None
+    missing = [c for c in (image, key, *keep) if c not in schema.names]
+    if missing:
+        raise ValueError(
+            f"has no column {', '.join(map(repr, missing))} (it has {', '.join(schema.names)}); name them with "
+            f"--image-column, --key-column, --keep-columns"
+        )
+    kind = schema.field(image).type
+    if not (_is_bytes(pa, kind) or (pa.types.is_struct(kind) and _is_bytes(pa, _struct_bytes(kind)))):
+        raise ValueError(
+            f"its column {image!r} is {kind}, not image bytes (binary, or a struct with 'bytes')"
+        )
+    return {c: schema.field(c).type for c in keep}
+
+
+def _is_bytes(pa: Any, kind: Any) -> bool:
+    return kind is not None and (pa.types.is_binary(kind) or pa.types.is_large_binary(kind))
+
+
+def _struct_bytes(kind: Any) -> Any:
+    index = kind.get_field_index("bytes")
+    return kind.field(index).type if index >= 0 else None
+
+
+def read_parquet(path: Path, args: argparse.Namespace) -> Iterator[Sample]:
+    """The samples of a parquet file, read row group by row group (see the module docstring)."""
+    pa = _pyarrow()
+    image, key, keep = parquet_columns(args)
+    try:
+        check_parquet_schema(path, args)
+        file = pa.parquet.ParquetFile(path)
+    except (ValueError, OSError, pa.ArrowException) as e:
+        yield Sample(0, None, error=str(e))
+        return
+    index, seen = 0, set()
+    for group in range(file.num_row_groups):
+        try:
+            table = file.read_row_group(group, columns=list(dict.fromkeys([key, image, *keep])))
+        except (OSError, pa.ArrowException) as e:
+            yield Sample(index, None, error=f"row group {group} unreadable: {e}")
+            continue
+        column = table.column(image).combine_chunks()
+        data = (column.field("bytes") if pa.types.is_struct(column.type) else column).to_pylist()
+        keys = table.column(key).to_pylist()
+        kept = {c: table.column(c).to_pylist() for c in keep}
+        for row, (name, blob) in enumerate(zip(keys, data, strict=True)):
+            meta = {c: values[row] for c, values in kept.items()}
+            name = None if name is None else str(name)
+            if name is None:
+                sample = Sample(index, None, meta=meta, error=f"row {index} has no key")
+            elif name in seen:
+                sample = Sample(index, name, meta=meta, error="duplicate key")
+            elif not blob:
+                sample = Sample(index, name, meta=meta, error="no image bytes")
+            else:
+                sample = Sample(index, name, blob, meta)
+            seen.add(name)
+            index += 1
+            yield sample
+
+
+def read_shard(shard: Shard, args: argparse.Namespace) -> Iterator[Sample]:
+    kind = SHARD_KINDS[shard.path.suffix.lower()]
+    return read_webdataset(shard.path) if kind == "webdataset" else read_parquet(shard.path, args)
+
+
+def meta_types(kind: str, args: argparse.Namespace, first: Shard) -> dict[str, Any]:
+    """Kept metadata columns and their arrow types (checked on the first shard for parquet)."""
+    pa = _pyarrow()
+    if kind == "webdataset":
+        return {ext: pa.string() for ext in META_EXTENSIONS}
+    try:
+        types = check_parquet_schema(first.path, args)
+    except ValueError as e:
+        raise Fatal(f"{first.path} {e}") from None
+    clash = [c for c in types if c in BASE_COLUMNS]
+    if clash:
+        raise Fatal(f"--keep-columns {', '.join(clash)}: outputs have columns of that name already")
+    return types
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def decode_image(data: bytes, mode: str, max_decoded_pixels: int | None) -> Image.Image:
+    """Decode image bytes as :func:`~packvit_native.preprocess.load_image` decodes a file (same size check
+    before decoding, EXIF orientation applied), ``ValueError`` if they cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            w, h = im.size
+            if max_decoded_pixels is not None and w * h > max_decoded_pixels:
+                raise ValueError(
+                    f"it declares {w}x{h} = {w * h} pixels, over the limit of {max_decoded_pixels} decoded "
+                    f"pixels (--max-decoded-pixels)"
+                )
+            im.load()
+            return ImageOps.exif_transpose(im).convert(mode)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))  # PIL names the buffer
+        raise ValueError(f"cannot read image: {message}") from None
+
+
+def _decode_jpeg_gpu(data: bytes, channels: int, device: torch.device) -> Tensor:
+    """``uint8 [C, H, W]`` on ``device``, decoded by nvJPEG through torchvision (``--decode gpu``)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        return decode_jpeg(raw, mode=mode, device=device, apply_exif_orientation=True)
+    except RuntimeError as e:
+        raise ValueError(f"cannot read image: {e}") from None
+
+
+def preprocess_bytes(
+    data: bytes,
+    config: Any,
+    args: argparse.Namespace,
+    rule: dict[str, Any],
+    device: torch.device | None = None,
+    name: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Encoded image bytes -> ``(patches, grid_thw)`` exactly as :func:`packvit_native.preprocess` makes them
+    from the same file. With ``--decode gpu`` a JPEG is decoded and resized on ``device`` instead (torchvision
+    on CUDA; resized by ``F.interpolate``, so close to the PIL path, not bit-identical); other formats take the
+    PIL path."""
+    from .preprocess import preprocess
+
+    try:
+        mode = "RGB" if config.num_channels == 3 else "L"
+        if args.decode == "gpu" and data[:3] == b"\xff\xd8\xff":
+            with Image.open(io.BytesIO(data)) as im:  # the header, for the size check
+                w, h = im.size
+            if args.max_decoded_pixels is not None and w * h > args.max_decoded_pixels:
+                decode_image(data, mode, args.max_decoded_pixels)  # raises the same error as the PIL path
+            image = _decode_jpeg_gpu(data, config.num_channels, device)
+            return preprocess(image, config, resample=args.resample, device=device, **rule)
+        image = decode_image(data, mode, args.max_decoded_pixels)
+        return preprocess(image, config, resample=args.resample, **rule)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}" if name else str(e)) from None
+    except Exception as e:  # a decoder's own failure: reported for this sample, never fatal to the run
+        raise ValueError(f"{name + ': ' if name else ''}cannot read image: {type(e).__name__}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+
+def embedding_source(config: Any) -> str:
+    """Which output is a model's per-image ``embedding`` (see :func:`image_embeddings`)."""
+    if config.head not in ("none", "merger"):
+        return "pooler_output"
+    return "class_token" if config.num_cls else "mean_patch_tokens"
+
+
+def image_embeddings(out: Any, config: Any, grids: Tensor) -> dict[str, Tensor]:
+    """One row per image, float32 on the CPU: ``{"embedding": [B, D]}`` and, for models with a projection
+    (CLIP's ``visual_projection``), ``"image_embeds": [B, P]``.
+
+    ``embedding`` is, by model (:func:`embedding_source`):
+
+    - ``pooler_output`` where the model has a pooling head (a head giving one row per image: the final-normed
+      class token of DINOv2/DINOv3, CLIP's ``post_layernorm`` class token, SigLIP's attention pooling, AIMv2's
+      attention pooling, InternViT's mean pooling);
+    - else the final class token (after the final norm, if the model has one), for a model with one;
+    - else the mean of the image's final patch tokens (Qwen-VL towers, whose merger gives one row per 2x2
+      block, not per image).
+    """
+    if out.prefix_tokens.shape[0] != grids.shape[0]:
+        raise ValueError("per-image embeddings need still images (one frame each)")
+    source = embedding_source(config)
+    if source == "pooler_output":
+        embedding = out.pooler_output
+    elif source == "class_token":
+        embedding = out.prefix_tokens[:, 0]
+    else:
+        patches = (
+            out.packing.patch_tokens(out.last_hidden_state) if config.num_prefix else out.last_hidden_state
+        )
+        counts = grids.prod(1).tolist()
+        embedding = torch.stack([part.float().mean(0) for part in patches.split(counts)])
+    rows = {"embedding": embedding.float().cpu()}
+    if out.image_embeds is not None:
+        rows["image_embeds"] = out.image_embeds.float().cpu()
+    return rows
+
+
+@dataclass
+class Encoded:
+    """One image's outputs: ``grid`` (t, h, w), float32 ``embedding`` (and ``image_embeds``), ``tokens``
+    (stored name -> (patch tokens, prefix tokens or None), in the model's dtype, with ``--tokens``), and the
+    ``preview`` picture with ``--preview``."""
+
+    grid: list[int]
+    rows: dict[str, np.ndarray]
+    tokens: dict[str, tuple[Tensor, Tensor | None]] | None = None
+    preview: np.ndarray | None = None
+
+
+def _forward(
+    model: Any, batch: list[tuple[Tensor, Tensor]], args: argparse.Namespace, device: torch.device
+) -> list[Encoded]:
+    grids = torch.cat([g for _, g in batch])
+    packing = model.pack(grids)
+    patches = torch.cat([p.to(device, non_blocking=True) for p, _ in batch])
+    layers = tuple(args.layers) if args.layers else None
+    with torch.inference_mode():
+        out = model(
+            patches, packing=packing, output_layers=layers, return_prefix=args.prefix, return_dict=True
+        )
+        rows = image_embeddings(out, model.config, grids)
+        tokens = None
+        if args.tokens or args.preview:
+            tokens = token_outputs(out.layers if layers else out.last_hidden_state, packing, args)
+    encoded, start = [], 0
+    for b, grid in enumerate(grids.tolist()):
+        n = grid[0] * grid[1] * grid[2]
+        mine = None
+        if tokens is not None:
+            # clone: a slice would keep the whole batch's tensor alive, and safetensors refuses shared storage
+            mine = {
+                k: (p[start : start + n].clone(), None if q is None else q[b].clone())
+                for k, (p, q) in tokens.items()
+            }
+        item = Encoded(grid, {k: v[b].numpy() for k, v in rows.items()}, mine if args.tokens else None)
+        if args.preview:
+            from .preview import pca_rgb
+
+            item.preview = pca_rgb(next(iter(mine.values()))[0], grid[1], grid[2], model.config.merge_size)
+        encoded.append(item)
+        start += n
+    return encoded
+
+
+def encode_images(
+    model: Any, batch: list[tuple[Tensor, Tensor]], args: argparse.Namespace, device: torch.device
+) -> list[Encoded | str]:
+    """Encode one token-budget batch; per image its :class:`Encoded`, or why it failed. A batch whose forward
+    fails (a size the model refuses, out of memory) is retried image by image, so one bad image fails alone."""
+    try:
+        return list(_forward(model, batch, args, device))
+    except (ValueError, RuntimeError) as e:
+        if len(batch) == 1:
+            return [f"encoding failed: {type(e).__name__}: {e}"]
+    return [encode_images(model, [one], args, device)[0] for one in batch]
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+@dataclass
+class ShardResult:
+    """What one shard produced, gathered until the shard is written."""
+
+    shard: Shard
+    images: list[tuple[int, str, Encoded, dict[str, Any]]] = field(
+        default_factory=list
+    )  # index, key, ..., meta
+    errors: list[tuple[int, str | None, str]] = field(default_factory=list)  # index, key, error
+
+    def fail(self, sample: Sample, error: str, say: Callable[[str], None]) -> None:
+        self.errors.append((sample.index, sample.key, error))
+        what = f"sample {sample.key!r}" if sample.key is not None else "archive"
+        say(f"packvit encode: {self.shard.path}: {what} skipped: {error}")
+
+
+def _record(
+    result: ShardResult, manifest: dict[str, Any], config: Any, tokens: dict | None
+) -> dict[str, Any]:
+    return {
+        "packvit_encode": MANIFEST_VERSION,
+        "shard": str(result.shard.path),
+        "model": manifest["model"],
+        "settings": manifest["settings"],
+        "embedding": embedding_source(config),
+        "images": len(result.images),
+        "errors": [
+            {"key": key, "error": error} for _, key, error in sorted(result.errors, key=lambda e: e[0])
+        ],
+        "tokens": tokens,
+    }
+
+
+def write_shard(
+    out: Path,
+    result: ShardResult,
+    manifest: dict[str, Any],
+    config: Any,
+    metas: dict[str, Any],
+    args: argparse.Namespace,
+) -> None:
+    """Write one shard's outputs (the module docstring lists them), the parquet file last."""
+    pa = _pyarrow()
+    name = result.shard.name
+    images = sorted(result.images, key=lambda image: image[0])
+    keys = [key for _, key, _, _ in images]
+    tokens_file = out / f"{name}.safetensors"
+    tokens = None
+    try:
+        if args.tokens and images:
+            tokens = {"file": tokens_file.name, "write_id": secrets.token_hex(8)}
+            tensors = _token_tensors([e for _, _, e, _ in images], args)
+            save_tensors(tokens_file, tensors, {"names": json.dumps(keys), "write_id": tokens["write_id"]})
+        else:
+            tokens_file.unlink(missing_ok=True)  # left by an interrupted attempt with other outcomes
+        if args.preview:
+            from .preview import write_png
+
+            for _, key, encoded, _ in images:
+                write_png(
+                    out / f"{name}.pca" / f"{quote(key, safe='')}.png", encoded.preview, config.patch_size
+                )
+        columns = {
+            "key": pa.array(keys, pa.string()),
+            "grid_thw": _fixed_list(pa, np.array([e.grid for _, _, e, _ in images], np.int64).reshape(-1, 3)),
+        }
+        for column in ("embedding", "image_embeds"):
+            if images and column in images[0][2].rows:
+                columns[column] = _fixed_list(pa, np.stack([e.rows[column] for _, _, e, _ in images]))
+            elif not images and column == "embedding":
+                columns[column] = _fixed_list(pa, np.zeros((0, config.hidden_size), np.float32))
+        for column, kind in metas.items():
+            columns[column] = pa.array([meta.get(column) for _, _, _, meta in images], kind)
+        record = _record(result, manifest, config, tokens)
+        table = pa.table(columns).replace_schema_metadata({RECORD_KEY: json.dumps(record)})
+        atomic.write_file(out / f"{name}.parquet", lambda tmp: pa.parquet.write_table(table, tmp))
+    except OSError as e:
+        raise Fatal(f"cannot write the outputs of {result.shard.path}: {reason(e)}; {KEPT}") from None
+
+
+def _fixed_list(pa: Any, array: np.ndarray) -> Any:
+    """``[B, D]`` numpy -> an arrow fixed-size-list array of ``B`` rows."""
+    values = np.ascontiguousarray(array).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values), array.shape[1])
+
+
+def _token_tensors(encoded: list[Encoded], args: argparse.Namespace) -> dict[str, Tensor]:
+    grids = torch.tensor([e.grid for e in encoded], dtype=torch.int64)
+    counts = grids.prod(1)
+    tensors = {"grid_thw": grids, "offsets": torch.cat([counts.new_zeros(1), counts.cumsum(0)])}
+    for key in encoded[0].tokens:
+        tensors[key] = torch.cat([e.tokens[key][0] for e in encoded])
+        if args.prefix:
+            tensors[key.replace("features", "prefix", 1)] = torch.stack([e.tokens[key][1] for e in encoded])
+    return tensors
+
+
+def shard_status(out: Path, shard: Shard, manifest: dict[str, Any], args: argparse.Namespace) -> str | None:
+    """``None`` if ``shard`` is finished in ``out`` with this manifest, else why it is (re)done (``""``: never
+    started)."""
+    pa = _pyarrow()
+    path = out / f"{shard.name}.parquet"
+    if not path.exists():
+        return ""
+    try:
+        record = json.loads(pa.parquet.read_schema(path).metadata[RECORD_KEY])
+        if (
+            record["settings"] != manifest["settings"]
+            or record["model"]["sha256"] != manifest["model"]["sha256"]
+        ):
+            return "it was made with other settings or another model"
+        tokens = record["tokens"]
+    except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as e:
+        return f"{path.name} is damaged ({e})"
+    if args.tokens and record["images"]:
+        file = out / str((tokens or {}).get("file"))
+        try:
+            names = read_output(file, expected_keys(args) | {"offsets"}, packed=True)
+            with safe_open(file, "pt") as f:
+                write_id = (f.metadata() or {}).get("write_id")
+        except (ValueError, OSError, SafetensorError) as e:
+            return f"{file.name} is damaged or missing ({e})"
+        if write_id != tokens.get("write_id") or len(names) != record["images"]:
+            return f"{file.name} does not belong to {path.name}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- the runs
+
+
+@dataclass
+class Plan:
+    """What a shard run does, set up and checked before any shard is read."""
+
+    out: Path
+    todo: list[Shard]
+    skipped: int
+    manifest: dict[str, Any]
+    config: Any
+    sha256: str
+    rule: dict[str, Any]
+    metas: dict[str, Any]
+
+
+def encode_shards(args: argparse.Namespace, kind: str, say: Callable[[str], None]) -> int:
+    """``packvit encode`` over webdataset or parquet shards, with ``--engine local`` or ``ray``."""
+    _pyarrow()
+    out = Path(args.out)
+    shards = share(find_shards(args.inputs), args.num_shards, args.shard_index, lambda s: s.name)
+    if not shards:
+        raise Fatal(
+            f"--shard-index {args.shard_index} of --num-shards {args.num_shards} has no shard to encode"
+        )
+    if kind == "parquet":
+        image, key, keep = parquet_columns(args)
+        args.input = {"format": "parquet", "image_column": image, "key_column": key, "keep_columns": keep}
+    else:
+        args.input = {"format": "webdataset"}
+    metas = meta_types(kind, args, shards[0])
+    prepare_out(out, say)
+    if args.engine == "ray":
+        from .ray_data import connect
+
+        device = connect(
+            args, say
+        )  # sets --workers, --gpus-per-worker and the default --dtype for the actors
+        model_device = torch.device("cpu")  # the driver loads the model to fingerprint it and check settings
+    else:
+        device = model_device = resolve_device(args)
+    manifest = build_manifest(args, sha256=None)
+    previous = read_manifest(out)
+    if previous is not None:
+        check_manifest(out, previous, manifest)
+    if args.engine == "local":
+        check_device(args, device)
+    model, sha256 = load_model_or_fail(args, model_device, "sdpa" if args.engine == "ray" else None)
+    manifest["model"]["sha256"] = sha256
+    if previous is not None:
+        check_manifest(out, previous, manifest)
+    rule = resize_rule(args, model)
+    todo = []
+    for shard in shards:
+        why = shard_status(out, shard, manifest, args)
+        if why is not None:
+            if why:
+                say(f"packvit encode: {shard.name} is redone: {why}")
+            todo.append(shard)
+    plan = Plan(out, todo, len(shards) - len(todo), manifest, model.config, sha256, rule, metas)
+    if plan.skipped:
+        say(f"packvit encode: skipping {plan.skipped} of {plural(len(shards), 'shard')}, already in {out}")
+    if not todo:
+        say("packvit encode: nothing left to encode")
+        return 0
+    started = time.perf_counter()
+    if args.engine == "ray":
+        from .ray_data import encode_shards_ray
+
+        del model
+        stats = encode_shards_ray(args, plan, say)
+    else:
+        stats = _encode_local(args, plan, model, device, say)
+    wall_s = time.perf_counter() - started
+    say(
+        f"packvit encode: encoded {plural(stats.images, 'image')} ({plural(stats.patch_tokens, 'patch token')}) "
+        f"of {plural(len(todo), 'shard')} in {wall_s:.1f}s into {out}"
+        + (f"; {plan.skipped} already there" if plan.skipped else "")
+        + f"; {throughput(stats.images, wall_s, stats.model_s)}"
+        + (f" ({plural(stats.workers, 'worker')})" if stats.workers > 1 else "")
+    )
+    if stats.errors:
+        say(
+            f'packvit encode: {plural(stats.errors, "sample")} unreadable, listed above and under "errors" in '
+            f"the shards' records (NAME.parquet metadata 'packvit')"
+        )
+        return 1
+    return 0
+
+
+@dataclass
+class Stats:
+    images: int = 0
+    patch_tokens: int = 0
+    errors: int = 0
+    model_s: float = 0.0  # seconds in the forward, summed over workers; divided by them for the figure
+    workers: int = 1
+
+
+class Writes:
+    """Shard writes in one background thread, so the next shard's decoding and forwards go on meanwhile; at
+    most one write waits, so at most two shards' outputs are held in memory."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1)
+        self.pending: Future | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        self.pending = self.pool.submit(write)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # a failed write raises here
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def finish_shard(
+    result: ShardResult, plan: Plan, args: argparse.Namespace, writes: Writes, stats: Stats, first: list[bool]
+) -> None:
+    """Account for a complete shard and write it (the manifest first, with the first shard written)."""
+    stats.images += len(result.images)
+    stats.patch_tokens += sum(int(np.prod(e.grid)) for _, _, e, _ in result.images)
+    stats.errors += len(result.errors)
+    if first[0]:
+        record_manifest(plan.out, plan.manifest)
+        first[0] = False
+    writes.submit(lambda: write_shard(plan.out, result, plan.manifest, plan.config, plan.metas, args))
+
+
+def _encode_local(
+    args: argparse.Namespace, plan: Plan, model: Any, device: torch.device, say: Callable[[str], None]
+) -> Stats:
+    """Read samples in this thread, decode ``--workers`` of them ahead in threads, encode in token-budget
+    batches, write each shard in the background once its last batch is encoded. A batch never spans two
+    shards."""
+    stats, first = Stats(), [True]
+    num_prefix = model.config.num_prefix
+
+    def events() -> Iterator[tuple[ShardResult, Sample | None]]:
+        for shard in plan.todo:
+            result = ShardResult(shard)
+            for sample in read_shard(shard, args):
+                yield result, sample
+            yield result, None  # the shard's end
+
+    def load(event: tuple[ShardResult, Sample | None]) -> tuple[Tensor, Tensor] | None:
+        sample = event[1]
+        if sample is None or sample.error is not None:
+            return None
+        return preprocess_bytes(sample.data, plan.config, args, plan.rule, device)
+
+    batch: list[tuple[Sample, Tensor, Tensor]] = []
+
+    def flush(result: ShardResult) -> None:
+        started = time.perf_counter()
+        encoded = encode_images(model, [(p, g) for _, p, g in batch], args, device)
+        stats.model_s += time.perf_counter() - started
+        for (sample, _, _), item in zip(batch, encoded, strict=True):
+            if isinstance(item, str):
+                result.fail(sample, item, say)
+            else:
+                result.images.append((sample.index, sample.key, item, sample.meta))
+        bar.update(len(batch))
+        batch.clear()
+
+    writes = Writes()
+    bar = tqdm(unit="img", desc="encode", disable=None)
+    try:
+        with contextlib.closing(prefetch(events(), load, args.workers)) as loads, bar:
+            tokens = 0
+            for (result, sample), future in loads:
+                if sample is None:
+                    if batch:
+                        flush(result)
+                    tokens = 0
+                    finish_shard(result, plan, args, writes, stats, first)
+                    continue
+                if sample.error is not None:
+                    result.fail(sample, sample.error, say)
+                    continue
+                try:
+                    patches, grid = future.result()
+                except ValueError as e:
+                    result.fail(sample, str(e), say)
+                    bar.update(1)
+                    continue
+                n = patches.shape[0] + num_prefix * int(grid[:, 0].sum())
+                if batch and tokens + n > args.max_tokens:
+                    flush(result)
+                    tokens = 0
+                batch.append((sample, patches, grid))
+                tokens += n
+    finally:
+        writes.close()
+    return stats

@@ -1,0 +1,136 @@
+"""The Ray Data engine on a local Ray (2 CPUs): ``packvit encode --engine ray`` gives the local engine's outputs
+and resumes its runs, and :func:`packvit_native.ray_data.encode_dataset` encodes a dataset's image column."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+from shard_data import CORRUPT, as_files, samples, write_parquet, write_webdataset
+
+import packvit_native as pv
+from packvit_native.cli import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from weights_convert.check import save_tiny_reference
+
+    root = tmp_path_factory.mktemp("model")
+    src = save_tiny_reference("dinov3", "gelu", root / "hf")
+    return pv.from_pretrained(src).save_pretrained(root / "model")
+
+
+def _encode(*args) -> int:
+    return main(["encode", *map(str, args)])
+
+
+def _table(path):
+    table = pq.read_table(path)
+    return table, json.loads(table.schema.metadata[b"packvit"])
+
+
+def test_ray_engine_matches_the_local_engine_and_resumes_its_run(model_dir, tmp_path, capsys):
+    write_webdataset(tmp_path / "wds", shards=3, per_shard=5)
+    pattern = tmp_path / "wds" / "{00000..00002}.tar"
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    common = ["--model", model_dir, pattern, "--tokens", "--prefix", "--max-tokens", 150]
+    assert _encode(*common, "--out", local, "--device", "cpu") == 1
+    # the Ray run starts from a folder where one shard is finished already (as after a killed run)
+    remote.mkdir()
+    for name in ("00001.parquet", "00001.safetensors", "packvit-encode.json"):
+        (remote / name).write_bytes((local / name).read_bytes())
+    capsys.readouterr()
+    assert _encode(*common, "--out", remote, "--engine", "ray", "--workers", 1) == 1
+    err = capsys.readouterr().err
+    assert "skipping 1 of 3 shards" in err and "encoded 8 images" in err
+    assert "img/s end to end" in err and "img/s in the model alone" in err
+    for s in (0, 2):
+        assert f"{s:05d}.tar: sample 's{s:02d}/0002' skipped: cannot read image" in err
+    for s in range(3):
+        (a, ra), (b, rb) = _table(local / f"{s:05d}.parquet"), _table(remote / f"{s:05d}.parquet")
+        assert a.column("key").to_pylist() == b.column("key").to_pylist()
+        assert a.drop_columns(["embedding"]).equals(b.drop_columns(["embedding"]))  # grid, json, txt
+        np.testing.assert_allclose(
+            np.stack(a.to_pandas().embedding), np.stack(b.to_pandas().embedding), rtol=0, atol=1e-6
+        )
+        assert [e["key"] for e in ra["errors"]] == [e["key"] for e in rb["errors"]] == [f"s{s:02d}/0002"]
+        assert ra["settings"] == rb["settings"] and ra["model"]["sha256"] == rb["model"]["sha256"]
+        ta, tb = load_file(local / f"{s:05d}.safetensors"), load_file(remote / f"{s:05d}.safetensors")
+        assert ta.keys() == tb.keys() == {"features", "prefix", "grid_thw", "offsets"}
+        for key in ta:
+            torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=1e-6)
+
+
+def test_ray_engine_reads_parquet_with_kept_columns(model_dir, tmp_path, capsys):
+    write_parquet(tmp_path / "pq", shards=2, per_shard=5)
+    out, local = tmp_path / "out", tmp_path / "local"
+    args = ["--model", model_dir, tmp_path / "pq" / "part-{0..1}.parquet", "--image-column", "jpg"]
+    args += ["--key-column", "id", "--keep-columns", "caption"]
+    assert _encode(*args, "--out", out, "--engine", "ray", "--gpus-per-worker", 0, "--preview") == 1
+    assert _encode(*args, "--out", local, "--device", "cpu", "--preview") == 1
+    for s in range(2):
+        (a, ra), (b, rb) = _table(out / f"part-{s}.parquet"), _table(local / f"part-{s}.parquet")
+        assert a.schema.names == ["key", "grid_thw", "embedding", "caption"]
+        assert a.drop_columns(["embedding"]).equals(b.drop_columns(["embedding"]))
+        np.testing.assert_allclose(
+            np.stack(a.to_pandas().embedding), np.stack(b.to_pandas().embedding), rtol=0, atol=1e-6
+        )
+        assert ra["errors"][0]["key"] == rb["errors"][0]["key"] == f"s1{s}/0002"
+        pictures = sorted(p.name for p in (out / f"part-{s}.pca").iterdir())
+        assert pictures == sorted(k.replace("/", "%2F") + ".png" for k in a.column("key").to_pylist())
+        for name in pictures:  # the same picture from the actors as from the local engine
+            assert (out / f"part-{s}.pca" / name).read_bytes() == (
+                local / f"part-{s}.pca" / name
+            ).read_bytes()
+
+
+def test_encode_dataset_adds_embeddings_and_reports_bad_samples(model_dir, tmp_path):
+    from packvit_native.ray_data import encode_dataset
+
+    rows = samples(7, 6)
+    ds = ray.data.from_arrow(
+        pa.table(
+            {
+                "key": [k for k, _, _ in rows],
+                "image": pa.array([d for _, d, _ in rows], pa.binary()),
+                "label": list(range(len(rows))),
+            }
+        )
+    )
+    result = encode_dataset(ds, str(model_dir), tokens=True, max_tokens=120)
+    out = {r["key"]: r for r in result.take_all()}
+    assert set(out) == {k for k, _, _ in rows}
+    model = pv.from_pretrained(model_dir)
+    files = as_files(tmp_path / "files", [rows])
+    for key, row in out.items():
+        assert set(row) == {"key", "label", "grid_thw", "embedding", "features", "error"}
+        if key not in files:  # the corrupt sample
+            assert row["embedding"] is None and "cannot read image" in row["error"]
+            continue
+        patches, grid = pv.preprocess(files[key], model)
+        with torch.no_grad():
+            want = model(patches, grid, return_dict=True)
+        assert row["error"] is None and list(row["grid_thw"]) == grid[0].tolist()
+        np.testing.assert_allclose(
+            np.asarray(row["embedding"]), want.pooler_output[0].numpy(), rtol=0, atol=1e-6
+        )
+        features = np.stack([np.asarray(t) for t in row["features"]])
+        np.testing.assert_allclose(features, want.last_hidden_state.numpy(), rtol=0, atol=1e-6)
+    assert sum(1 for _, d, _ in rows if d == CORRUPT) == 1
+
+    with pytest.raises(ValueError, match="out of range"):
+        encode_dataset(ds, str(model_dir), layers=[99], tokens=True)
+    with pytest.raises(TypeError, match="unknown encode settings: bogus"):
+        encode_dataset(ds, str(model_dir), bogus=1)

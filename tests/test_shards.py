@@ -1,0 +1,350 @@
+"""``packvit encode`` over webdataset and parquet shards with the local engine: features equal to the
+single-image path, corrupt samples listed, ``--num-shards`` splits, a run killed with SIGKILL resumes."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from shard_data import CORRUPT, as_files, samples, write_parquet, write_webdataset
+
+import packvit_native as pv
+from packvit_native import shards
+from packvit_native.cli import MANIFEST, main
+from packvit_native.preview import pca_rgb
+
+WDS_SHARDS, PER_SHARD = 3, 5
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from weights_convert.check import save_tiny_reference
+
+    root = tmp_path_factory.mktemp("model")
+    src = save_tiny_reference("dinov3", "gelu", root / "hf")
+    return pv.from_pretrained(src).save_pretrained(root / "model")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_webdataset(root / "wds", WDS_SHARDS, PER_SHARD)
+    write_parquet(root / "pq", 2, PER_SHARD)
+    return root
+
+
+def _encode(*args) -> int:
+    return main(["encode", *map(str, args), "--device", "cpu", "--workers", "2"])
+
+
+def _rows(path: Path) -> tuple[list[str], np.ndarray, dict]:
+    table = pq.read_table(path)
+    record = json.loads(table.schema.metadata[b"packvit"])
+    return table.column("key").to_pylist(), np.stack(table.to_pandas().embedding), record
+
+
+def _reference(model, files: dict[str, Path]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The single-image path: ``pv.preprocess`` on a file and one forward per image."""
+    out = {}
+    for key, path in files.items():
+        patches, grid = pv.preprocess(path, model)
+        with torch.no_grad():
+            result = model(patches, grid, return_dict=True)
+        out[key] = (result.pooler_output[0], result.last_hidden_state)
+    return out
+
+
+def test_expand_braces():
+    assert shards.expand_braces("d/{00008..00011}.tar") == [f"d/{i:05d}.tar" for i in range(8, 12)]
+    assert shards.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    assert shards.expand_braces("{3..1}") == ["3", "2", "1"]
+    assert shards.expand_braces("plain.tar") == ["plain.tar"]
+    with pytest.raises(ValueError, match="cannot expand"):
+        shards.expand_braces("x{y}.tar")
+
+
+def test_webdataset_shards_match_the_single_image_path(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    pattern = data / "wds" / "{00000..00002}.tar"
+    assert _encode("--model", model_dir, "--out", out, pattern, "--tokens", "--max-tokens", 200) == 1
+    err = capsys.readouterr().err
+    for s in range(WDS_SHARDS):  # each corrupt sample is reported by shard and key
+        assert f"{s:05d}.tar: sample 's{s:02d}/0002' skipped: cannot read image" in err
+    assert "3 samples unreadable" in err
+
+    model = pv.from_pretrained(model_dir)
+    rows = [samples(s, PER_SHARD) for s in range(WDS_SHARDS)]
+    want = _reference(model, as_files(tmp_path / "files", rows))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [MANIFEST] + [f"{s:05d}.{ext}" for s in range(WDS_SHARDS) for ext in ("parquet", "safetensors")]
+    )
+    for s in range(WDS_SHARDS):
+        keys, embedding, record = _rows(out / f"{s:05d}.parquet")
+        assert keys == [
+            k for k, d, _ in rows[s] if d != CORRUPT
+        ]  # the shard's order, the corrupt one left out
+        assert record["errors"] == [{"key": f"s{s:02d}/0002", "error": record["errors"][0]["error"]}]
+        assert record["images"] == 4 and record["embedding"] == "pooler_output"
+        table = pq.read_table(out / f"{s:05d}.parquet").to_pylist()
+        assert table[0]["json"] == json.dumps({"id": keys[0]}) and table[0]["txt"] == f"caption {keys[0]}"
+        tokens = load_file(out / f"{s:05d}.safetensors")
+        with safe_open(out / f"{s:05d}.safetensors", "pt") as f:
+            assert json.loads(f.metadata()["names"]) == keys
+        for i, key in enumerate(keys):
+            pooled, patches = want[key]
+            np.testing.assert_allclose(embedding[i], pooled.numpy(), rtol=0, atol=1e-6)
+            rows_i = tokens["features"][tokens["offsets"][i] : tokens["offsets"][i + 1]]
+            torch.testing.assert_close(rows_i, patches, rtol=0, atol=1e-6)
+            assert tokens["grid_thw"][i].prod() == patches.shape[0] == int(np.prod(table[i]["grid_thw"]))
+
+    # a rerun finds every shard finished and writes nothing
+    mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert _encode("--model", model_dir, "--out", out, pattern, "--tokens", "--max-tokens", 200) == 0
+    assert "skipping 3 of 3 shards" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def test_parquet_shards_keep_columns_and_match(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--image-column", "jpg", "--key-column", "id", "--keep-columns", "caption"]
+    assert _encode("--model", model_dir, "--out", out, data / "pq" / "part-{0,1}.parquet", *args) == 1
+    assert "part-1.parquet: sample 's11/0002' skipped" in capsys.readouterr().err
+    model = pv.from_pretrained(model_dir)
+    rows = [samples(10 + s, PER_SHARD) for s in range(2)]
+    want = _reference(model, as_files(tmp_path / "files", rows))
+    for s in range(2):
+        keys, embedding, record = _rows(out / f"part-{s}.parquet")
+        assert keys == [k for k, d, _ in rows[s] if d != CORRUPT]
+        assert [e["key"] for e in record["errors"]] == [f"s{10 + s}/0002"]
+        assert record["settings"]["input"] == {
+            "format": "parquet", "image_column": "jpg", "key_column": "id", "keep_columns": ["caption"],
+        }  # fmt: skip
+        assert pq.read_table(out / f"part-{s}.parquet").column("caption").to_pylist() == [
+            f"caption {k}" for k in keys
+        ]
+        for i, key in enumerate(keys):
+            np.testing.assert_allclose(embedding[i], want[key][0].numpy(), rtol=0, atol=1e-6)
+    assert not (out / "part-0.safetensors").exists()  # no token features asked for
+
+
+def test_parquet_image_struct_of_hugging_face_datasets(tmp_path):
+    import pyarrow as pa
+
+    rows = samples(20, 3)
+    images = pa.array([{"bytes": d, "path": None} for _, d, _ in rows])
+    pq.write_table(pa.table({"key": [k for k, _, _ in rows], "image": images}), tmp_path / "hf.parquet")
+    read = list(shards.read_parquet(tmp_path / "hf.parquet", shards_args()))
+    assert [(s.key, s.data) for s in read] == [(k, d) for k, d, _ in rows]
+
+
+def shards_args(**given):
+    from packvit_native.cli import encode_args
+
+    return encode_args(**given)
+
+
+def test_num_shards_splits_deterministically_and_matches_one_run(model_dir, data, tmp_path, capsys):
+    pattern = data / "wds" / "{00000..00002}.tar"
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert _encode("--model", model_dir, "--out", whole, pattern, "--tokens") == 1
+    for index in (0, 1):  # two runs, as two slurm array tasks, into one folder
+        assert (
+            _encode(
+                "--model",
+                model_dir,
+                "--out",
+                split,
+                pattern,
+                "--tokens",
+                "--num-shards",
+                2,
+                "--shard-index",
+                index,
+            )
+            == 1
+        )
+        written = sorted(p.stem for p in split.glob("*.parquet"))
+        # sorted names, position i to run i % 2: 00000 and 00002 to run 0, 00001 to run 1
+        assert written == (["00000", "00002"] if index == 0 else ["00000", "00001", "00002"])
+    capsys.readouterr()
+    for s in range(WDS_SHARDS):
+        a, b = _rows(whole / f"{s:05d}.parquet"), _rows(split / f"{s:05d}.parquet")
+        assert a[0] == b[0]
+        np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-6)
+        ta, tb = load_file(whole / f"{s:05d}.safetensors"), load_file(split / f"{s:05d}.safetensors")
+        torch.testing.assert_close(ta["features"], tb["features"], rtol=0, atol=1e-6)
+    assert _encode("--model", model_dir, "--out", split, pattern, "--num-shards", 2, "--shard-index", 2) == 2
+    assert "--shard-index 2 is not in 0..1" in capsys.readouterr().err
+
+
+KILLABLE = """
+import sys, time
+import packvit_native.shards as shards
+real_write = shards.write_shard
+def write_then_hang(*args, **kwargs):
+    real_write(*args, **kwargs)
+    time.sleep(600)  # SIGKILL comes while the next shards are encoded and their writes wait
+shards.write_shard = write_then_hang
+from packvit_native.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_run_killed_after_the_first_shard_resumes_without_writing_twice(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["encode", "--model", str(model_dir), "--out", str(out), str(data / "wds" / "{00000..00002}.tar")]
+    args += ["--tokens", "--device", "cpu", "--max-tokens", "100"]
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "00000.parquet").exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # the next shard is being encoded
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet"]
+    first = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("00000.*")}
+
+    assert main([*args, "--workers", "2"]) == 1  # the corrupt samples are still unreadable
+    err = capsys.readouterr().err
+    assert "skipping 1 of 3 shards" in err and "encoded 8 images" in err
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("00000.*")} == first  # not rewritten
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")], "no temporary file is left"
+    keys = []
+    for s in range(WDS_SHARDS):
+        shard_keys, _, record = _rows(out / f"{s:05d}.parquet")
+        assert (
+            shard_keys == [k for k, d, _ in samples(s, PER_SHARD) if d != CORRUPT] and record["images"] == 4
+        )
+        with safe_open(out / f"{s:05d}.safetensors", "pt") as f:
+            assert json.loads(f.metadata()["names"]) == shard_keys
+        keys += shard_keys
+    assert len(keys) == len(set(keys)) == 12  # every image once
+
+
+def test_unfinished_or_damaged_shards_are_redone(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    pattern = data / "wds" / "{00000..00002}.tar"
+    assert _encode("--model", model_dir, "--out", out, pattern, "--tokens") == 1
+    (out / "00001.parquet").unlink()  # killed between the token file and the parquet file
+    (out / "00002.safetensors").write_bytes(b"torn")  # a power cut emptied it
+    kept = (out / "00000.parquet").stat().st_mtime_ns
+    capsys.readouterr()
+    assert _encode("--model", model_dir, "--out", out, pattern, "--tokens") == 1
+    err = capsys.readouterr().err
+    assert "00002 is redone: 00002.safetensors is damaged" in err and "skipping 1 of 3 shards" in err
+    assert (out / "00000.parquet").stat().st_mtime_ns == kept
+    for s in range(WDS_SHARDS):
+        assert (
+            shards.shard_status(out, shards.Shard(Path(f"{s:05d}.tar"), f"{s:05d}"), _manifest(out), _args())
+            is None
+        )
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / MANIFEST).read_text())
+
+
+def _args():
+    return shards_args(tokens=True)
+
+
+def test_truncated_archive_keeps_what_it_read(model_dir, data, tmp_path, capsys):
+    whole = (data / "wds" / "00000.tar").read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[: len(whole) * 3 // 5])
+    out = tmp_path / "out"
+    assert _encode("--model", model_dir, "--out", out, cut) == 1
+    keys, _, record = _rows(out / "cut.parquet")
+    assert keys and len(keys) < 4
+    assert any(e["key"] is None and e["error"].startswith("archive ") for e in record["errors"])
+    # cut at every 512-byte block: the loss is always reported, never a silently shorter shard
+    for end in range(512, len(whole) - 1024, 512):
+        cut.write_bytes(whole[:end])
+        assert list(shards.read_webdataset(cut))[-1].key is None
+
+
+def test_shard_options_are_checked_before_anything_is_written(model_dir, data, tmp_path, capsys):
+    wds, out = data / "wds" / "00000.tar", tmp_path / "out"
+    image = tmp_path / "a.png"
+    Image.new("RGB", (20, 20)).save(image)
+    cases = [
+        ([wds, "--format", "packed"], "--format applies to image files"),
+        ([wds, "--image-column", "jpg"], "apply to parquet shards"),
+        ([wds, "--layers=-2"], "add --tokens"),
+        ([data / "pq" / "part-0.parquet"], "has no column 'image'"),
+        ([image, "--tokens"], "--tokens apply to webdataset or parquet shards"),
+        ([image, wds], "inputs mix"),
+        ([data / "wds" / "{00000..00009}.tar"], "00003.tar: no such file"),
+        ([image, "--engine", "ray"], "--engine ray reads webdataset or parquet shards"),
+        ([wds, "--engine", "ray", "--decode", "gpu"], "--decode gpu applies to --engine local"),
+    ]
+    for extra, message in cases:
+        assert _encode("--model", model_dir, "--out", out, *extra) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_preview_pictures(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _encode("--model", model_dir, "--out", out, data / "wds" / "00001.tar", "--preview") == 1
+    table = pq.read_table(out / "00001.parquet").to_pylist()
+    patch = pv.from_pretrained(model_dir).config.patch_size
+    for row in table:
+        png = Image.open(out / "00001.pca" / (row["key"].replace("/", "%2F") + ".png"))
+        _, h, w = row["grid_thw"]
+        assert png.size == (w * patch, h * patch) and png.mode == "RGB"
+    # image files: beside the features
+    folder = as_files(tmp_path / "files", [samples(0, 2)])
+    assert (
+        _encode("--model", model_dir, "--out", tmp_path / "files-out", tmp_path / "files", "--preview") == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "files-out" / "s00").iterdir()) == sorted(
+        [f"{Path(k).name}.{ext}" for k in folder for ext in ("safetensors", "pca.png")]
+    )
+    # merge order is undone: the picture of merge-ordered tokens is the row-major picture
+    tokens = torch.randn(4 * 6, 8)
+    merged = tokens.reshape(2, 2, 3, 2, 8).permute(0, 2, 1, 3, 4).reshape(24, 8)  # [h/m, m, w/m, m] -> blocks
+    np.testing.assert_array_equal(pca_rgb(merged, 4, 6, merge_size=2), pca_rgb(tokens, 4, 6))
+
+
+def test_embedding_rule_by_model():
+    from packvit_native.config import EncoderConfig
+
+    base = EncoderConfig(family="t", patch_size=2, hidden_size=8, num_layers=1, num_heads=2, mlp_hidden=8)
+    assert shards.embedding_source(base.replace(head="map")) == "pooler_output"
+    assert shards.embedding_source(base.replace(num_cls=1, head="cls")) == "pooler_output"
+    assert shards.embedding_source(base.replace(num_cls=1)) == "class_token"
+    assert shards.embedding_source(base) == "mean_patch_tokens"
+
+
+def test_folder_inputs_and_num_shards(model_dir, tmp_path, capsys):
+    folder = as_files(tmp_path / "files", [samples(0, 5)])
+    out = tmp_path / "out"
+    for index in (0, 1):
+        assert (
+            _encode(
+                "--model",
+                model_dir,
+                "--out",
+                out,
+                tmp_path / "files",
+                "--num-shards",
+                2,
+                "--shard-index",
+                index,
+            )
+            == 0
+        )
+    written = sorted(p.relative_to(out).with_suffix("").as_posix() for p in out.rglob("*.safetensors"))
+    assert written == sorted(folder)
