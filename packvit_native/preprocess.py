@@ -39,7 +39,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from .patchify import patchify
 __all__ = [
     "MAX_DECODED_PIXELS",
     "ImageLike",
+    "decode",
     "default_resize",
     "load_image",
     "naflex_size",
@@ -178,16 +179,18 @@ def target_size(
 MAX_DECODED_PIXELS = 64 * 2**20
 
 
-def load_image(
-    path: str | os.PathLike, mode: str = "RGB", max_decoded_pixels: int | None = MAX_DECODED_PIXELS
+def decode(
+    source: str | os.PathLike | BinaryIO,
+    mode: str = "RGB",
+    max_decoded_pixels: int | None = MAX_DECODED_PIXELS,
 ) -> Image.Image:
-    """Decode an image file fully (EXIF orientation applied) in ``mode``.
+    """Decode an image file, or an open binary stream of one, fully (EXIF orientation applied) in ``mode``.
 
-    Raises ``ValueError`` naming the file if it is unreadable or declares more than ``max_decoded_pixels``
-    pixels (``None``: no limit of ours), which is checked from the header before anything is decoded.
+    Raises ``ValueError`` if it is unreadable or declares more than ``max_decoded_pixels`` pixels (``None``: no
+    limit of ours), which is checked from the header before anything is decoded.
     """
     try:
-        with Image.open(path) as im:  # reads the header only
+        with Image.open(source) as im:  # reads the header only
             w, h = im.size
             if max_decoded_pixels is not None and w * h > max_decoded_pixels:
                 raise ValueError(
@@ -197,6 +200,16 @@ def load_image(
             im.load()
             return ImageOps.exif_transpose(im).convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(str(e)) from None
+
+
+def load_image(
+    path: str | os.PathLike, mode: str = "RGB", max_decoded_pixels: int | None = MAX_DECODED_PIXELS
+) -> Image.Image:
+    """:func:`decode` of a file, with a ``ValueError`` that names the file."""
+    try:
+        return decode(path, mode, max_decoded_pixels)
+    except ValueError as e:
         raise ValueError(f"cannot read image {os.fspath(path)}: {e}") from None
 
 

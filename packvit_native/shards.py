@@ -57,7 +57,7 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -86,6 +86,7 @@ from .cli import (
     throughput,
     token_outputs,
 )
+from .preprocess import decode
 
 __all__ = [
     "Sample",
@@ -364,16 +365,8 @@ def decode_image(data: bytes, mode: str, max_decoded_pixels: int | None) -> Imag
     """Decode image bytes as :func:`~packvit_native.preprocess.load_image` decodes a file (same size check
     before decoding, EXIF orientation applied), ``ValueError`` if they cannot be read."""
     try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only
-            w, h = im.size
-            if max_decoded_pixels is not None and w * h > max_decoded_pixels:
-                raise ValueError(
-                    f"it declares {w}x{h} = {w * h} pixels, over the limit of {max_decoded_pixels} decoded "
-                    f"pixels (--max-decoded-pixels)"
-                )
-            im.load()
-            return ImageOps.exif_transpose(im).convert(mode)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return decode(io.BytesIO(data), mode, max_decoded_pixels)
+    except ValueError as e:
         message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))  # PIL names the buffer
         raise ValueError(f"cannot read image: {message}") from None
 

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
 from packvit_native import PackedVisionEncoder
 from weights_convert.check import compare_with_reference, load_reference, mixed_batch
 
-__all__ = ["ATOL", "assert_packed_parity", "load_reference"]
+__all__ = [
+    "ATOL",
+    "assert_packed_parity",
+    "assert_packing_invariant",
+    "assert_same_weights",
+    "load_reference",
+    "tower_with_unreadable_lm",
+]
 
 ATOL = 1e-4
 
@@ -27,3 +40,44 @@ def assert_packed_parity(model: PackedVisionEncoder, hf_model, images=None, expe
             assert key in row, f"reference gave no {key}"
             assert row[key] <= ATOL, f"{key} differs by {row[key]:.2e} on a {row['grid']} grid"
     return rows
+
+
+def _per_image(model, images):
+    """Each image's (patch tokens, prefix tokens, pooled output) from one packed forward."""
+    patches, grid = model.patchify(images)
+    with torch.no_grad():
+        out = model(patches, grid, return_dict=True)
+    frames = grid[:, 0].tolist()
+    parts = (out.last_hidden_state.split(grid.prod(1).tolist()), out.prefix_tokens.split(frames),
+             out.pooler_output.split(frames))  # fmt: skip
+    return list(zip(*parts, strict=True))
+
+
+def assert_packing_invariant(model: PackedVisionEncoder) -> None:
+    """Each image's outputs are the same packed with the others, in reverse order, or alone."""
+    images = mixed_batch(model.config)
+    packed, backwards = _per_image(model, images), _per_image(model, images[::-1])[::-1]
+    for image, ours, reordered in zip(images, packed, backwards, strict=True):
+        for a, b, alone in zip(ours, reordered, _per_image(model, [image])[0], strict=True):
+            assert max((a - alone).abs().max(), (b - alone).abs().max()) <= 1e-5
+
+
+def tower_with_unreadable_lm(src: Path, dst: Path, is_tower) -> dict:
+    """A sharded copy of checkpoint ``src`` in ``dst``: the tensors ``is_tower(key)`` picks in one shard, the rest
+    named in the index but in a shard that is not a safetensors file, so reading it would fail. Returns the
+    tower's tensors; loading it then equals loading ``src``."""
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    state = load_file(src / "model.safetensors")
+    tower = {k: v for k, v in state.items() if is_tower(k)}
+    assert tower and len(tower) < len(state)
+    save_file(tower, dst / "model-00001-of-00002.safetensors")
+    (dst / "model-00002-of-00002.safetensors").write_bytes(b"not a safetensors file: reading it would fail")
+    weight_map = {k: f"model-0000{1 if k in tower else 2}-of-00002.safetensors" for k in state}
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return tower
+
+
+def assert_same_weights(a: PackedVisionEncoder, b: PackedVisionEncoder) -> None:
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)

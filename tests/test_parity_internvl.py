@@ -10,8 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import packvit_native as pv
-from tests.parity import assert_packed_parity, load_reference
-from weights_convert.check import mixed_batch
+from tests.parity import (
+    assert_packed_parity,
+    assert_packing_invariant,
+    assert_same_weights,
+    load_reference,
+    tower_with_unreadable_lm,
+)
 from weights_convert.cli import main as convert_cli
 from weights_convert.convert import convert_checkpoint
 from weights_convert.errors import ConversionError
@@ -62,22 +67,10 @@ def test_internvl_parity_through_cli(tiny_reference, tmp_path, capsys, variant, 
 def test_vision_tower_read_alone_from_a_vlm_checkpoint(tiny_reference, tmp_path):
     """Only the tower's tensors are read, by the converter and by the reference: the language model's shard
     is never opened."""
-    src = tiny_reference("internvl", "vlm")
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text((src / "config.json").read_text())
-    state = load_file(src / "model.safetensors")
-    vision = {k: v for k, v in state.items() if k.startswith("vision_tower.")}
-    language = {k: v for k, v in state.items() if k not in vision}
-    assert vision and any(k.startswith("language_model.") for k in language)
-    save_file(vision, ckpt / "model-00001-of-00002.safetensors")
-    (ckpt / "model-00002-of-00002.safetensors").write_bytes(b"not a safetensors file: reading it would fail")
-    weight_map = {k: "model-00001-of-00002.safetensors" for k in vision}
-    weight_map |= {k: "model-00002-of-00002.safetensors" for k in language}
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    a, b = pv.from_pretrained(src), pv.from_pretrained(ckpt)
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert ka == kb and torch.equal(va, vb)
+    src, ckpt = tiny_reference("internvl", "vlm"), tmp_path / "ckpt"
+    vision = tower_with_unreadable_lm(src, ckpt, lambda k: k.startswith("vision_tower."))
+    assert any(k.startswith("language_model.") for k in load_file(src / "model.safetensors"))
+    assert_same_weights(pv.from_pretrained(src), pv.from_pretrained(ckpt))
     reference = load_reference(ckpt)
     assert torch.equal(reference.embeddings.cls_token, vision["vision_tower.embeddings.cls_token"])
 
@@ -101,29 +94,9 @@ def _vision(**changes):
     return lambda c: c | {"vision_config": c["vision_config"] | changes}
 
 
-def _per_image(model, images):
-    """Each image's (patch tokens, prefix tokens, pooled output) from one packed forward."""
-    patches, grid = model.patchify(images)
-    with torch.no_grad():
-        out = model(patches, grid, return_dict=True)
-    frames = grid[:, 0].tolist()
-    parts = (out.last_hidden_state.split(grid.prod(1).tolist()), out.prefix_tokens.split(frames),
-             out.pooler_output.split(frames))  # fmt: skip
-    return list(zip(*parts, strict=True))
-
-
-def _assert_packing_invariant(model):
-    """Each image's outputs are the same packed with the others, in reverse order, or alone."""
-    images = mixed_batch(model.config)
-    packed, backwards = _per_image(model, images), _per_image(model, images[::-1])[::-1]
-    for image, ours, reordered in zip(images, packed, backwards, strict=True):
-        for a, b, alone in zip(ours, reordered, _per_image(model, [image])[0], strict=True):
-            assert max((a - alone).abs().max(), (b - alone).abs().max()) <= 1e-5
-
-
 @pytest.mark.parametrize("variant", ["vlm", "vision"])  # class-token and mean pooling
 def test_packing_invariance(tiny_reference, variant):
-    _assert_packing_invariant(pv.from_pretrained(tiny_reference("internvl", variant), attn_backend="sdpa"))
+    assert_packing_invariant(pv.from_pretrained(tiny_reference("internvl", variant), attn_backend="sdpa"))
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import packvit_native as pv
-from tests.parity import assert_packed_parity, load_reference
-from weights_convert.check import mixed_batch
+from tests.parity import assert_packed_parity, assert_packing_invariant, load_reference
 from weights_convert.cli import main as convert_cli
 from weights_convert.convert import convert_checkpoint
 from weights_convert.errors import ConversionError
@@ -70,28 +69,8 @@ def test_published_layout_under_vision_model(tiny_reference, tmp_path):
         convert_checkpoint(both)
 
 
-def _per_image(model, images):
-    """Each image's (patch tokens, prefix tokens, pooled output) from one packed forward."""
-    patches, grid = model.patchify(images)
-    with torch.no_grad():
-        out = model(patches, grid, return_dict=True)
-    frames = grid[:, 0].tolist()
-    parts = (out.last_hidden_state.split(grid.prod(1).tolist()), out.prefix_tokens.split(frames),
-             out.pooler_output.split(frames))  # fmt: skip
-    return list(zip(*parts, strict=True))
-
-
-def _assert_packing_invariant(model):
-    """Each image's outputs are the same packed with the others, in reverse order, or alone."""
-    images = mixed_batch(model.config)
-    packed, backwards = _per_image(model, images), _per_image(model, images[::-1])[::-1]
-    for image, ours, reordered in zip(images, packed, backwards, strict=True):
-        for a, b, alone in zip(ours, reordered, _per_image(model, [image])[0], strict=True):
-            assert max((a - alone).abs().max(), (b - alone).abs().max()) <= 1e-5
-
-
 def test_packing_invariance(tiny_reference):
-    _assert_packing_invariant(pv.from_pretrained(tiny_reference("mlcd", "default"), attn_backend="sdpa"))
+    assert_packing_invariant(pv.from_pretrained(tiny_reference("mlcd", "default"), attn_backend="sdpa"))
 
 
 @pytest.mark.parametrize(

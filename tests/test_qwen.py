@@ -2,8 +2,6 @@
 from the tower saved alone), packed, and compared with transformers' own towers image by image; windows,
 processor inputs, packing invariance and bad input."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,13 @@ from transformers.vision_utils import get_vision_window_index
 
 import packvit_native as pv
 from packvit_native.packing import Packing
-from tests.parity import ATOL, assert_packed_parity, load_reference
+from tests.parity import (
+    ATOL,
+    assert_packed_parity,
+    assert_same_weights,
+    load_reference,
+    tower_with_unreadable_lm,
+)
 from weights_convert.check import mixed_batch
 from weights_convert.cli import main as convert_cli
 
@@ -115,23 +119,9 @@ def test_windows_match_transformers_window_index():
 
 def test_vision_tower_read_alone_from_a_vlm_checkpoint(tiny_reference, tmp_path):
     """Only the tower's tensors are read: the language model's shard is never opened."""
-    src = tiny_reference("qwen3_vl", "vlm")
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text((src / "config.json").read_text())
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(src / "model.safetensors")
-    vision = {k: v for k, v in state.items() if ".visual." in f".{k}"}
-    language = {k: v for k, v in state.items() if k not in vision}
-    save_file(vision, ckpt / "model-00001-of-00002.safetensors")
-    (ckpt / "model-00002-of-00002.safetensors").write_bytes(b"not a safetensors file: reading it would fail")
-    weight_map = {k: "model-00001-of-00002.safetensors" for k in vision}
-    weight_map |= {k: "model-00002-of-00002.safetensors" for k in language}
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    a, b = pv.from_pretrained(src), pv.from_pretrained(ckpt)
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert ka == kb and torch.equal(va, vb)
+    src, ckpt = tiny_reference("qwen3_vl", "vlm"), tmp_path / "ckpt"
+    tower_with_unreadable_lm(src, ckpt, lambda k: ".visual." in f".{k}")
+    assert_same_weights(pv.from_pretrained(src), pv.from_pretrained(ckpt))
 
 
 def test_bad_input_names_the_problem(tiny_reference):

@@ -38,6 +38,7 @@ from .common import (
     per_frame,
     refuse_dropout,
     require,
+    split_prefix,
     square,
     tower_config,
 )
@@ -157,12 +158,7 @@ def _frame_forward(model: Any, frame: Tensor) -> dict[str, Any]:
     """transformers' tower on one ``[C, H, W]`` frame, split into the class token and the patch tokens."""
     tower = model.vision_model if hasattr(model, "visual_projection") else model
     out = tower(pixel_values=frame[None], output_hidden_states=True, interpolate_pos_encoding=True)
-    return {
-        "last_hidden_state": out.last_hidden_state[0, 1:],
-        "prefix_tokens": out.last_hidden_state[0, :1],
-        "pooler_output": out.pooler_output[0],
-        "hidden_states": [h[0, 1:] for h in out.hidden_states],
-    }
+    return split_prefix(out, 1)
 
 
 _tower_forward = per_frame(_frame_forward)

@@ -26,6 +26,7 @@ __all__ = [
     "per_frame",
     "refuse_dropout",
     "require",
+    "split_prefix",
     "square",
     "tower_config",
     "tower_state",
@@ -132,6 +133,17 @@ def tower_state(
             raise ConversionError(f"{canon} appears both with and without the {prefix!r} prefix")
         out[canon] = value
     return out, []
+
+
+def split_prefix(out: Any, k: int) -> dict[str, Any]:
+    """transformers' output for one image with ``k`` prefix tokens in front, split as ours are: patch tokens,
+    prefix tokens, the pooled output and every hidden state's patch tokens."""
+    return {
+        "last_hidden_state": out.last_hidden_state[0, k:],
+        "prefix_tokens": out.last_hidden_state[0, :k],
+        "pooler_output": out.pooler_output[0] if getattr(out, "pooler_output", None) is not None else None,
+        "hidden_states": [h[0, k:] for h in out.hidden_states],
+    }
 
 
 def per_frame(

@@ -24,6 +24,7 @@ from .common import (
     per_frame,
     refuse_dropout,
     require,
+    split_prefix,
     square,
 )
 
@@ -165,12 +166,7 @@ def _frame_forward(model: Any, frame: Tensor) -> dict[str, Any]:
     """transformers' outputs for one ``[C, H, W]`` frame, split as ours are (prefix tokens, patch tokens)."""
     k = 1 + model.config.num_register_tokens
     out = model(pixel_values=frame[None], output_hidden_states=True)
-    return {
-        "last_hidden_state": out.last_hidden_state[0, k:],
-        "prefix_tokens": out.last_hidden_state[0, :k],
-        "pooler_output": out.pooler_output[0],
-        "hidden_states": [h[0, k:] for h in out.hidden_states],
-    }
+    return split_prefix(out, k)
 
 
 reference_forward = per_frame(_frame_forward)

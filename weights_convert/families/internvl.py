@@ -46,6 +46,7 @@ from .common import (
     per_frame,
     refuse_dropout,
     require,
+    split_prefix,
     square,
     tower_config,
     vlm_tower_keys,
@@ -178,14 +179,10 @@ def tiny_hf_config(variant: str = "vlm") -> dict[str, Any]:
 def _frame_forward(model: Any, frame: Tensor) -> dict[str, Any]:
     """transformers' outputs for one ``[C, H, W]`` frame, split as ours are; the pooled output is our extension
     computed from transformers' tokens (patch-token mean, or the final-normed class token)."""
-    out = model(pixel_values=frame[None], output_hidden_states=True)
-    tokens = out.last_hidden_state[0]
-    return {
-        "last_hidden_state": tokens[1:],
-        "prefix_tokens": tokens[:1],
-        "pooler_output": tokens[1:].mean(0) if model.config.use_mean_pooling else tokens[0],
-        "hidden_states": [h[0, 1:] for h in out.hidden_states],
-    }
+    out = split_prefix(model(pixel_values=frame[None], output_hidden_states=True), 1)
+    tokens = out["last_hidden_state"]
+    out["pooler_output"] = tokens.mean(0) if model.config.use_mean_pooling else out["prefix_tokens"][0]
+    return out
 
 
 reference_forward = per_frame(_frame_forward)

@@ -39,6 +39,7 @@ from .common import (
     per_frame,
     refuse_dropout,
     require,
+    split_prefix,
     square,
     tower_state,
     with_defaults,
@@ -126,12 +127,7 @@ def tiny_hf_config(variant: str = "default") -> dict[str, Any]:
 def _frame_forward(model: Any, frame: Tensor) -> dict[str, Any]:
     """transformers' outputs for one ``[C, H, W]`` frame, split as ours are (class token, patch tokens)."""
     out = model(pixel_values=frame[None], output_hidden_states=True)
-    return {
-        "last_hidden_state": out.last_hidden_state[0, 1:],
-        "prefix_tokens": out.last_hidden_state[0, :1],
-        "pooler_output": out.pooler_output[0],
-        "hidden_states": [h[0, 1:] for h in out.hidden_states],
-    }
+    return split_prefix(out, 1)
 
 
 reference_forward = per_frame(_frame_forward)
