@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .attention import resolve_backend
 from .config import EncoderConfig
+from .graphs import BlockGraphs, StaticBatch
 from .heads import Merger, build_head
 from .io import save_native
 from .layers import Block, BlockContext, make_norm
@@ -108,6 +109,8 @@ class PackedVisionEncoder(nn.Module):
             if config.projection_dim is not None
             else None
         )
+        self._graphs: BlockGraphs | None = None
+        self._graph_params: tuple[int, ...] = ()
 
     @property
     def device(self) -> torch.device:
@@ -144,6 +147,87 @@ class PackedVisionEncoder(nn.Module):
         for block in self.blocks:
             block.compile(**compile_kwargs)
         return self
+
+    def capture_graphs(
+        self,
+        budgets: Sequence[int],
+        *,
+        max_segments: int = 64,
+        max_seqlen: int | None = None,
+        attn_backend: str | None = None,
+    ) -> PackedVisionEncoder:
+        """Capture the blocks as CUDA graphs at a few token budgets, for small batches and online encoding.
+
+        A later inference forward (under ``torch.no_grad()`` or ``torch.inference_mode()``, in eval mode) whose
+        batch fits a budget copies its tokens into that budget's buffers, pads the rest with tokens in
+        segments of their own, and replays the graph: one launch for the whole block stack instead of a few
+        hundred. Outputs equal the eager forward's (padding never meets real tokens). Batches that fit no
+        budget, forwards that record gradients or keep intermediate layers (``output_layers``,
+        ``output_hidden_states``, deepstack features) run eagerly. See :mod:`packvit_native.graphs`.
+
+        Args:
+            budgets: token budgets in block-sequence tokens: patches plus each frame's prefix tokens (a
+                448x448 DINOv3-L/16 image is 28 * 28 + 5 = 789). Each budget keeps its activations' memory
+                (shared between budgets); an empty sequence releases the graphs.
+            max_segments: the most frames (and attention windows) a batch may have to use a graph.
+            max_seqlen: the longest frame (or window) in tokens a batch may have to use a graph (default:
+                the budget). The attention kernels are launched for this length, so a bound near the real
+                images' size avoids idle thread blocks.
+            attn_backend: the attention backend the graphs are captured with (default: the model's); a
+                forward with another backend runs eagerly.
+
+        Returns:
+            self, for chaining. Capture again after moving or replacing parameters (``.to()``, a new
+            ``state_dict`` loaded in place is fine).
+        """
+        self._graphs, self._graph_params = None, ()
+        budgets = tuple(budgets)
+        if not budgets:
+            return self
+        checked = {"max_segments": max_segments, "max_seqlen": 1 if max_seqlen is None else max_seqlen}
+        for name, value in [*checked.items(), *(("budgets entry", b) for b in budgets)]:
+            if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {self.device}")
+        if self.training:
+            raise ValueError("capture_graphs is for inference: call model.eval() first")
+        backend = resolve_backend(attn_backend or self.attn_backend, self.device)
+        c = self.config
+        dtype = self.patch_embed.weight.dtype
+        rope = None
+        if c.rope != "none":
+            rope = (c.head_dim, torch.float32 if c.rope_fp32 else dtype)
+        names = ("frames", "windows") if c.window_size else ("frames",)
+
+        def make_batch(budget: int) -> StaticBatch:
+            seqlen = min(max_seqlen or budget, budget)
+            return StaticBatch(budget, max_segments, seqlen, names, c.hidden_size, dtype, rope, self.device)
+
+        with torch.inference_mode(False):  # buffers later forwards copy into, whatever mode they run in
+            self._graphs = BlockGraphs.capture(self._all_blocks, budgets, make_batch, backend)
+        self._graph_params = self._block_parameter_addresses()
+        return self
+
+    def _block_parameter_addresses(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in (*self.blocks.parameters(), *self.blocks.buffers()))
+
+    def _all_blocks(self, x: Tensor, ctx: BlockContext) -> Tensor:
+        for block in self.blocks:
+            x = block(x, ctx)
+        return x
+
+    def _replayed(self, x: Tensor, ctx: BlockContext, request: _Request) -> Tensor | None:
+        """The blocks' output from a captured graph, or ``None`` where this forward must run eagerly."""
+        if self._graphs is None or self.training or request.keep or request.depth != self.config.num_layers:
+            return None
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        if self._block_parameter_addresses() != self._graph_params:
+            raise RuntimeError(
+                "the model's parameters were moved or replaced since capture_graphs; call it again"
+            )
+        return self._graphs(x, ctx)
 
     def patchify(self, images: list[Tensor] | Tensor) -> tuple[Tensor, Tensor]:
         """Images ``[C, H, W]`` (or ``[F, C, H, W]`` clips) -> ``(patches, grid_thw)`` in this model's layout,
@@ -249,6 +333,9 @@ class PackedVisionEncoder(nn.Module):
 
     def run_blocks(self, x: Tensor, ctx: BlockContext, request: _Request) -> tuple[Tensor, dict[int, Tensor]]:
         """Run the first ``request.depth`` blocks, keeping the hidden states ``request.keep`` names."""
+        replayed = self._replayed(x, ctx, request)
+        if replayed is not None:
+            return replayed, {}
         kept = {0: x} if 0 in request.keep else {}
         for i, block in enumerate(self.blocks[: request.depth], start=1):
             x = block(x, ctx)

@@ -1,0 +1,116 @@
+"""CUDA graphs at token budgets: the padded fixed-size batch they replay gives the eager outputs.
+
+The padding logic (buffers, padding segments, empty segments) is checked on the CPU by running the blocks
+over a StaticBatch directly; the captured graphs themselves are checked on a GPU machine.
+"""
+
+import pytest
+import torch
+
+import packvit_native as pv
+from packvit_native.attention import available_backends
+from packvit_native.graphs import StaticBatch
+from packvit_native.layers import BlockContext
+
+CASES = [
+    # family, variant, grids (each frame's rows and columns multiples of the merge size)
+    ("dinov3", "gelu", [[(1, 3, 5), (1, 1, 1), (1, 4, 4)], [(1, 2, 2)]]),  # prefix tokens + RoPE
+    ("qwen2_5_vl", "vlm", [[(1, 4, 6), (2, 2, 4)], [(1, 2, 2)]]),  # windows + merge order + frames
+    ("siglip2", "default", [[(1, 3, 4), (1, 2, 2), (1, 1, 5)]]),  # learned positions, no prefix, no RoPE
+]
+
+
+def _batch_for(model, budget, max_segments=8, max_seqlen=None):
+    c = model.config
+    rope = (c.head_dim, torch.float32) if c.rope != "none" else None
+    names = ("frames", "windows") if c.window_size else ("frames",)
+    seqlen = min(max_seqlen or budget, budget)
+    return StaticBatch(budget, max_segments, seqlen, names, c.hidden_size, torch.float32, rope, model.device)
+
+
+@pytest.mark.parametrize(("family", "variant", "batches"), CASES)
+def test_padded_batch_gives_the_eager_tokens(tiny_reference, family, variant, batches):
+    model = pv.from_pretrained(tiny_reference(family, variant), attn_backend="sdpa").eval()
+    for budget, max_seqlen in ((256, None), (200, 64), (97, 40)):
+        static = _batch_for(model, budget, max_seqlen=max_seqlen)
+        for grid in batches:
+            patches = torch.randn(sum(t * h * w for t, h, w in grid), model.config.patch_dim)
+            packing = model.pack(grid)
+            with torch.no_grad():
+                x, ctx = model.embed(patches, packing, "sdpa")
+                assert static.fits(x.shape[0], ctx)
+                eager = model._all_blocks(x, ctx)
+                static.load(x, ctx)
+                padded = model._all_blocks(static.x, static.context("sdpa"))
+            torch.testing.assert_close(padded[: x.shape[0]], eager, rtol=1e-5, atol=1e-5)
+            assert torch.isfinite(padded).all()  # the padding segments hold finite values too
+
+
+def test_boundaries_of_a_padded_batch():
+    static = StaticBatch(20, 3, 8, ("frames",), 4, torch.float32, None, torch.device("cpu"))
+    assert static.cu_seqlens["frames"].tolist() == [0, 8, 16, 20, 20, 20, 20]  # all padding at first
+    segments = pv.Packing.from_grid([(1, 2, 3), (1, 1, 1)]).frames  # 6 + 1 tokens
+    ctx = BlockContext({"frames": segments}, "sdpa")
+    static.load(torch.ones(7, 4), ctx)
+    # The real boundaries, then padding segments of at most 8 tokens up to the budget, then empty segments.
+    assert static.cu_seqlens["frames"].tolist() == [0, 6, 7, 15, 20, 20, 20]
+    assert static.x[7:].abs().sum() == 0 and static.x[:7].sum() == 28
+
+
+def test_batches_a_budget_cannot_take_are_not_loaded():
+    static = StaticBatch(20, 2, 8, ("frames",), 4, torch.float32, None, torch.device("cpu"))
+
+    def ctx(grid):
+        return BlockContext({"frames": pv.Packing.from_grid(grid).frames}, "sdpa")
+
+    assert static.fits(12, ctx([(1, 2, 3), (1, 2, 3)]))
+    assert not static.fits(21, ctx([(1, 3, 7)]))  # more tokens than the budget
+    assert not static.fits(9, ctx([(1, 3, 3)]))  # a segment longer than max_seqlen
+    assert not static.fits(3, ctx([(1, 1, 1)] * 3))  # more segments than captured
+    windowed = BlockContext({"frames": ctx([(1, 1, 1)]).segmentations["frames"]} | {"windows": None}, "sdpa")
+    assert not static.fits(1, windowed)  # another set of segmentations
+
+
+def test_capture_graphs_says_what_it_needs(tiny_reference):
+    model = pv.from_pretrained(tiny_reference("dinov3", "gelu"), attn_backend="sdpa").eval()
+    with pytest.raises(ValueError, match="CUDA device"):
+        model.capture_graphs([128])
+    for bad in ([0], [1.5], [True]):
+        with pytest.raises(ValueError, match="positive integer"):
+            model.capture_graphs(bad)
+    with pytest.raises(ValueError, match="max_segments"):
+        model.capture_graphs([128], max_segments=0)
+    assert model.capture_graphs([]) is model  # releasing nothing is fine anywhere
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_gpu
+@pytest.mark.parametrize(("family", "variant", "batches"), CASES)
+def test_replayed_graphs_match_the_eager_forward(tiny_reference, family, variant, batches):
+    backend = available_backends("cuda")[0]
+    model = pv.from_pretrained(
+        tiny_reference(family, variant), device="cuda", dtype=torch.bfloat16, attn_backend=backend
+    ).eval()
+    grids = [*batches, [(1, 8, 8)] * 3]  # the last needs more than the smallest budget
+    inputs = [
+        torch.randn(sum(t * h * w for t, h, w in g), model.config.patch_dim, device="cuda") for g in grids
+    ]
+    with torch.no_grad():
+        eager = [model(p, g, return_dict=True) for p, g in zip(inputs, grids, strict=True)]
+        model.capture_graphs([64, 256], max_segments=8, max_seqlen=96)
+        for _ in range(2):  # the second round replays over buffers the first one dirtied
+            for p, g, ref in zip(inputs, grids, eager, strict=True):
+                out = model(p, g, return_dict=True)
+                for name in ("last_hidden_state", "prefix_tokens", "pooler_output"):
+                    a, b = getattr(out, name), getattr(ref, name)
+                    if b is not None:
+                        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+        assert model._graphs.budgets == (64, 256)
+        too_big = [(1, 16, 16)] * 2  # no budget fits: eager, same function
+        p = torch.randn(512, model.config.patch_dim, device="cuda")
+        assert model._graphs(*model.embed(p, model.pack(too_big), backend)) is None
+        model.to(torch.float32)
+        with pytest.raises(RuntimeError, match="capture_graphs"):
+            model(p.float(), too_big)
