@@ -7,6 +7,10 @@ identities or zero-free linears, so a block is two residual lines with no branch
 Training: :class:`DropPath` drops a residual branch per packed image (segment), and a block can recompute its
 activations in the backward instead of storing them (``Block.checkpointed``, set through
 :meth:`~packvit_native.encoder.PackedVisionEncoder.set_activation_checkpointing`).
+
+On eager CUDA, the first residual add and ``norm2`` run as one kernel, and a GELU-tanh MLP's ``fc1`` applies its
+bias and activation in the GEMM when no gradient is recorded (:mod:`packvit_native.fused`, where they can be
+switched off); everywhere else the PyTorch ops below run.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import fused
 from .attention import varlen_attention
 from .config import EncoderConfig
 from .packing import Segments
@@ -95,7 +100,16 @@ class Mlp(nn.Module):
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        fc1 = self.fc1
+        # Exactly nn.Linear: a subclass or another module (an fp8 linear) computes something else than its
+        # weight and bias say.
+        if (
+            self.act is _gelu_tanh
+            and type(fc1) is nn.Linear
+            and fused.linear_gelu_applies(x, fc1.weight, fc1.bias)
+        ):
+            return self.fc2(fused.linear_gelu_tanh(x, fc1.weight, fc1.bias))
+        return self.fc2(self.act(fc1(x)))
 
 
 class SwiGLU(nn.Module):
@@ -145,8 +159,13 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
+    @property
+    def active(self) -> bool:
+        """Whether the forward drops anything (training with ``p > 0``); otherwise it is the identity."""
+        return self.training and self.p != 0.0
+
     def forward(self, x: Tensor, ctx: BlockContext) -> Tensor:
-        if not self.training or self.p == 0.0:
+        if not self.active:
             return x
         if ctx.token_segment is None:
             raise ValueError("drop path needs BlockContext.token_segment (the encoder sets it in training)")
@@ -204,6 +223,8 @@ class Attention(nn.Module):
         self.frozen_key_bias = config.qkv_bias and not config.key_bias
 
     def _qkv(self, x: Tensor) -> Tensor:
+        if not isinstance(self.qkv, nn.Linear):  # an FP8 projection: inference only, no gradient to hold back
+            return self.qkv(x)
         bias = self.qkv.bias
         if self.frozen_key_bias:
             d = bias.shape[0] // 3
@@ -249,5 +270,28 @@ class Block(nn.Module):
         return self._residuals(x, ctx)
 
     def _residuals(self, x: Tensor, ctx: BlockContext) -> Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), ctx)), ctx)
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))), ctx)
+        x, h = self._add_norm2(x, self.attn(self.norm1(x), ctx), ctx)
+        return x + self.drop_path(self.ls2(self.mlp(h)), ctx)
+
+    def _add_norm2(self, x: Tensor, branch: Tensor, ctx: BlockContext) -> tuple[Tensor, Tensor]:
+        """``x + drop(ls1(branch))`` and ``norm2`` of it: one kernel where :func:`~.fused.add_norm` applies."""
+        norm = _fusable_norm(self.norm2)
+        gamma = self.ls1.gamma if type(self.ls1) is LayerScale else None
+        if (
+            norm is not None
+            and (gamma is not None or type(self.ls1) is nn.Identity)
+            and not self.drop_path.active
+            and fused.add_norm_applies(x, branch, gamma, norm[0], norm[1])
+        ):
+            return fused.add_norm(x, branch, gamma, *norm)
+        x = x + self.drop_path(self.ls1(branch), ctx)
+        return x, self.norm2(x)
+
+
+def _fusable_norm(norm: nn.Module) -> tuple[Tensor, Tensor | None, float, bool] | None:
+    """``(weight, bias, eps, rms)`` of a norm that :func:`~.fused.add_norm` computes, else ``None``."""
+    if type(norm) is RMSNorm:
+        return norm.weight, None, norm.eps, True
+    if type(norm) is nn.LayerNorm and norm.weight is not None and len(norm.normalized_shape) == 1:
+        return norm.weight, norm.bias, norm.eps, False
+    return None
