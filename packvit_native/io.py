@@ -11,6 +11,7 @@ import json
 import stat
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -93,12 +94,20 @@ def save_native(
     checkpoint, or the complete new one. An existing ``out_dir`` is replaced only with ``force``.
 
     Raises:
+        ValueError: ``state`` holds FP8 weights (a model loaded with ``precision="fp8"``).
         FileExistsError: ``out_dir`` exists and ``force`` is not set.
         CheckpointWriteError: ``out_dir`` cannot be written (no permission, disk full, ...): a
             ``CheckpointError`` and an ``OSError``, whose message names ``out_dir``, not the temporary folder
             the failure happened in.
     """
     out = Path(out_dir)
+    fp8 = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
+    if fp8:
+        # FP8 is a way of running a checkpoint, chosen at load time; the format holds the weights it ran from.
+        raise ValueError(
+            f"cannot save {out}: this model's block linears are FP8 ({fp8[0]}, ...), loaded with "
+            "precision='fp8'; save the model loaded without it and pass precision='fp8' when loading that"
+        )
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass force=True to replace it")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}

@@ -15,13 +15,16 @@ from .attention import resolve_backend
 from .config import EncoderConfig, PositionResize, patch_layout_name
 from .encoder import PackedVisionEncoder
 from .errors import CheckpointError
+from .fp8 import convert_to_fp8, fp8_unavailable_reason
 from .hub import CONFIG_PATTERNS, locate
 from .io import is_native_dir, load_native
 from .patchify import patch_weight_layout
 
-__all__ = ["DTYPES", "build_model", "from_pretrained", "parse_dtype"]
+__all__ = ["DTYPES", "PRECISIONS", "build_model", "from_pretrained", "parse_dtype"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Precisions other than the weights' dtype: "fp8" runs the block linears as FP8 GEMMs (packvit_native.fp8).
+PRECISIONS = ("fp8",)
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -53,6 +56,7 @@ def _check_options(
     merge_size: int | None,
     device: torch.device | str | None,
     dtype: torch.dtype | str | None,
+    precision: str | None,
 ) -> tuple[torch.device, torch.dtype | None]:
     """Refuse bad loading options before anything is read, fetched or converted; returns (device, dtype)."""
     dtype = parse_dtype(dtype)
@@ -67,6 +71,18 @@ def _check_options(
         not isinstance(merge_size, int) or isinstance(merge_size, bool) or merge_size < 1
     ):
         raise ValueError(f"merge_size must be a positive integer, got {merge_size!r}")
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be None or one of {list(PRECISIONS)}, got {precision!r}")
+        if dtype not in (None, torch.bfloat16):
+            raise ValueError(
+                f"precision='fp8' runs everything but the block linears in bfloat16; leave dtype unset or pass "
+                f"bfloat16, not {dtype}"
+            )
+        reason = fp8_unavailable_reason(target)
+        if reason is not None:
+            raise ValueError(f"precision='fp8' cannot run on {target}: {reason}")
+        dtype = torch.bfloat16
     return target, dtype
 
 
@@ -98,6 +114,7 @@ def build_model(
     merge_size: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
+    precision: str | None = None,
 ) -> PackedVisionEncoder:
     """Instantiate a model straight into place from a config and a state dict in ``config``'s patch layout.
 
@@ -105,7 +122,9 @@ def build_model(
     twice. Loading is strict: every parameter must be present with its exact shape. Arguments as for
     :func:`from_pretrained`.
     """
-    target, dtype = _check_options(attn_backend, patch_layout, pos_resize, merge_size, device, dtype)
+    target, dtype = _check_options(
+        attn_backend, patch_layout, pos_resize, merge_size, device, dtype, precision
+    )
     changes = {}
     if patch_layout is not None and patch_layout_name(patch_layout) != config.patch_layout:
         c = config
@@ -133,6 +152,8 @@ def build_model(
         model = PackedVisionEncoder(config, attn_backend=attn_backend)
     state = {k: v.to(device=target, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    if precision == "fp8":
+        convert_to_fp8(model)
     return model.eval()
 
 
@@ -145,6 +166,7 @@ def from_pretrained(
     merge_size: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
+    precision: str | None = None,
 ) -> PackedVisionEncoder:
     """Load a packed encoder.
 
@@ -165,6 +187,11 @@ def from_pretrained(
             windows are fixed to their own.
         device: where to place the weights (default: the CPU).
         dtype: floating dtype of the weights, a ``torch.dtype`` or its name (default: the checkpoint's).
+        precision: ``None`` (default): everything computes in ``dtype``. ``"fp8"``: inference with the
+            transformer blocks' linear layers as FP8 GEMMs (weights per output channel, activations per
+            token) and everything else in bfloat16 (see :mod:`packvit_native.fp8`); needs a CUDA GPU of
+            compute capability 8.9 or newer (or a PyTorch whose CPU build runs FP8 matmuls), and ``dtype``
+            unset or bfloat16. The model comes back frozen: FP8 is inference only.
 
     Returns:
         The model in eval mode.
@@ -173,7 +200,7 @@ def from_pretrained(
         CheckpointError: the checkpoint cannot be found, read or converted (a ``ValueError``).
         ValueError: an argument is invalid (checked before the checkpoint is looked up).
     """
-    _check_options(attn_backend, patch_layout, pos_resize, merge_size, device, dtype)
+    _check_options(attn_backend, patch_layout, pos_resize, merge_size, device, dtype, precision)
     path = locate(src, CONFIG_PATTERNS)  # a hub id: the configs first, to learn what else to fetch
     if is_native_dir(path):
         path = locate(src)
@@ -185,5 +212,5 @@ def from_pretrained(
         config, state, _ = convert_checkpoint(src)  # fetches only the weights the family reads
     return build_model(
         config, state, attn_backend=attn_backend, patch_layout=patch_layout, pos_resize=pos_resize,
-        merge_size=merge_size, device=device, dtype=dtype,
+        merge_size=merge_size, device=device, dtype=dtype, precision=precision,
     )  # fmt: skip

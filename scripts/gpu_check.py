@@ -13,10 +13,16 @@ is run three ways:
   synchronisation in the forward fails it). A backend passes when the error of each output against the fp32
   reference is at most 1.1x transformers' bf16 error of that output (+1e-4: the same up to rounding noise, not
   strictly smaller), and its parameter gradients (of a fixed random projection of the outputs) are within
-  1.5x (+1e-3) of those of our bf16 "sdpa" run against our fp32 run.
+  1.5x (+1e-3) of those of our bf16 "sdpa" run against our fp32 run;
+- ours with FP8 block linears (``precision="fp8"``: the bf16 model converted by
+  ``packvit_native.fp8.convert_to_fp8``) with every available backend, forward only, under the same sync check.
+  It passes when every output token's cosine similarity to the fp32 reference is at least 0.99; its largest
+  absolute error is printed beside the same two figures for our bf16 run. A GPU without FP8 matmuls (compute
+  capability below 8.9) skips it and says why.
 
 Errors are mean absolute error over mean absolute reference value, per output over all images: patch tokens,
-prefix tokens, the pooled output, image_embeds and deepstack features, where the model has them.
+prefix tokens, the pooled output, image_embeds and deepstack features, where the model has them. Token figures
+(``*_min_token_cos``, ``*_max_abs_err``) are per output row: patch or prefix token, pooled row, merged block.
 
     python scripts/gpu_check.py --models dinov3_vitl16,qwen2_5_vl_7b,qwen3_vl_8b
 """
@@ -35,10 +41,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from packvit_native.attention import available_backends
+from packvit_native.fp8 import Fp8Linear, convert_to_fp8, fp8_unavailable_reason
 from packvit_native.loading import build_model
 from weights_convert.check import transformers_class
 from weights_convert.convert import convert_loaded, family_named
 from weights_convert.presets import PRESETS
+
+# FP8 passes when no output row's cosine similarity to the fp32 reference is below this.
+FP8_MIN_COS = 0.99
 
 # (temporal patches, rows, cols) in patches, rounded up to whole merge blocks.
 GRIDS = [(1, 14, 14), (1, 23, 41), (1, 1, 1), (2, 16, 12), (1, 64, 64), (1, 37, 9), (1, 30, 30)]
@@ -97,27 +107,45 @@ def reference_outputs(fam, hf, images) -> dict[str, torch.Tensor]:
     return {k: torch.cat([o[k] for o in per_image]) for k in per_image[0]}
 
 
-def run(model, patches, grid, backend, probe, sync_check):
-    model.zero_grad(set_to_none=True)
+def forward(model, patches, grid, backend, sync_check):
     if sync_check:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
     try:
-        out = model(patches, grid, return_dict=True, attn_backend=backend)
+        return model(patches, grid, return_dict=True, attn_backend=backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _outputs(out) -> dict[str, torch.Tensor]:
+    outputs = {"last_hidden_state": out.last_hidden_state, "prefix_tokens": out.prefix_tokens,
+               "pooler_output": out.pooler_output, "image_embeds": out.image_embeds,
+               "deepstack_features": out.deepstack_features}  # fmt: skip
+    return {k: v.detach() for k, v in _flat(outputs).items()}
+
+
+def run(model, patches, grid, backend, probe, sync_check):
+    model.zero_grad(set_to_none=True)
+    out = forward(model, patches, grid, backend, sync_check)
     pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:1]
     loss = (out.last_hidden_state.float() @ probe).square().mean() + pooled.float().square().mean()
     loss.backward()
     grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-    outputs = {"last_hidden_state": out.last_hidden_state, "prefix_tokens": out.prefix_tokens,
-               "pooler_output": out.pooler_output, "image_embeds": out.image_embeds,
-               "deepstack_features": out.deepstack_features}  # fmt: skip
-    return {k: v.detach() for k, v in _flat(outputs).items()}, grads
+    return _outputs(out), grads
 
 
 def compare(x, ref):
     return float((x - ref).abs().mean() / ref.abs().mean())
+
+
+def token_errors(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Per output: the lowest cosine similarity of a row to its reference row, and the largest abs error."""
+    cos = {k: float(torch.nn.functional.cosine_similarity(out[k], ref[k], dim=-1).min()) for k in ref}
+    return cos, {k: float((out[k] - ref[k]).abs().max()) for k in ref}
+
+
+def rounded(d: dict[str, float], digits: int = 5) -> dict[str, float]:
+    return {k: round(v, digits) for k, v in d.items()}
 
 
 def check(key: str) -> int:
@@ -142,19 +170,37 @@ def check(key: str) -> int:
     _, sdpa16_grads = run(model16, patches.bfloat16(), grid, "sdpa", probe, sync_check=True)
     grad_floor = max(compare(sdpa16_grads[n], grads32[n]) for n in grads32)
     failures = fp32_err > 1e-4
+    fp8_missing = fp8_unavailable_reason("cuda")
+    if fp8_missing is None:
+        model16.zero_grad(set_to_none=True)
+        model8 = convert_to_fp8(copy.deepcopy(model16))
+        fp8_linears = sum(isinstance(m, Fp8Linear) for m in model8.modules())
+        kept = sum(isinstance(m, torch.nn.Linear) for b in model8.blocks for m in b.modules())
     for backend in available_backends("cuda"):
         out, grads = run(model16, patches.bfloat16(), grid, backend, probe, sync_check=True)
         err_out = {k: compare(out[k], ref[k]) for k in ref}
         err_grad = max(compare(grads[n], grads32[n]) for n in grads32)
         ok = all(err_out[k] <= 1.1 * hf_floor[k] + 1e-4 for k in ref)
         ok = ok and err_grad <= 1.5 * grad_floor + 1e-3 and fp32_err <= 1e-4
+        bf16_cos, bf16_max = token_errors(out, ref)
+        fp8 = {"fp8": f"skipped: {fp8_missing}"}
+        if fp8_missing is None:
+            with torch.inference_mode():
+                out8 = _outputs(forward(model8, patches.bfloat16(), grid, backend, sync_check=True))
+            fp8_cos, fp8_max = token_errors(out8, ref)
+            fp8_ok = min(fp8_cos.values()) >= FP8_MIN_COS
+            ok = ok and fp8_ok
+            fp8 = {"fp8_min_token_cos": rounded(fp8_cos), "fp8_max_abs_err": rounded(fp8_max),
+                   "fp8_rel_err": rounded({k: compare(out8[k], ref[k]) for k in ref}),
+                   "fp8_linears": fp8_linears, "block_linears_kept_bf16": kept, "fp8_ok": fp8_ok}  # fmt: skip
         failures += not ok
         print(json.dumps({"model": spec.title, "backend": backend, "patches": patches.shape[0],
                           "fp32_rel_err": round(fp32_err, 7),
-                          "bf16_rel_err": {k: round(v, 5) for k, v in err_out.items()},
-                          "transformers_bf16_rel_err": {k: round(v, 5) for k, v in hf_floor.items()},
+                          "bf16_rel_err": rounded(err_out),
+                          "transformers_bf16_rel_err": rounded(hf_floor),
                           "worst_grad_rel_err": round(err_grad, 5), "bf16_sdpa_grad_rel_err": round(grad_floor, 5),
-                          "no_host_sync": True, "ok": ok}), flush=True)  # fmt: skip
+                          "bf16_min_token_cos": rounded(bf16_cos), "bf16_max_abs_err": rounded(bf16_max),
+                          **fp8, "no_host_sync": True, "ok": ok}), flush=True)  # fmt: skip
     return failures
 
 
