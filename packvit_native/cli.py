@@ -65,6 +65,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import atomic
+from .gpu_decode import GpuDecoder, nvjpeg_decoder
 from .loading import DTYPES
 from .preprocess import MAX_DECODED_PIXELS
 
@@ -323,6 +324,8 @@ def build_manifest(args: argparse.Namespace, sha256: str | None) -> dict[str, An
         settings["input"] = args.input
     if args.decode != "cpu":
         settings["decode"] = args.decode
+    if args.fp8:
+        settings["precision"] = "fp8"
     return {
         "packvit_encode": MANIFEST_VERSION,
         "model": {"source": str(model.resolve()) if model.is_dir() else args.model, "sha256": sha256},
@@ -433,26 +436,27 @@ def load_state(src: str) -> tuple[Any, dict[str, Tensor], str]:
     return config, state, sha256_state(config, state)
 
 
-def load_model(
-    args: argparse.Namespace, device: torch.device, attn_backend: str | None = None
-) -> tuple[Any, str]:
-    """Load ``--model`` onto ``device`` in ``--dtype`` with ``--merge-size``; ``(model, sha256)``."""
+def load_model(args: argparse.Namespace, device: torch.device, check_only: bool = False) -> tuple[Any, str]:
+    """Load ``--model`` onto ``device`` in ``--dtype`` with ``--merge-size``, ``--attn-backend`` and
+    ``--fp8``; ``(model, sha256)``. ``check_only``: a Ray driver's load, to fingerprint the model and check the
+    settings against it (reference attention and the checkpoint's precision, which run on its CPU)."""
     from .loading import build_model
 
     config, state, sha256 = load_state(args.model)
     model = build_model(
         config, state, device=device, dtype=DTYPES[args.dtype], merge_size=args.merge_size,
-        attn_backend=attn_backend or args.attn_backend,
+        attn_backend="sdpa" if check_only else args.attn_backend,
+        precision="fp8" if args.fp8 and not check_only else None,
     )  # fmt: skip
     return model, sha256
 
 
 def load_model_or_fail(
-    args: argparse.Namespace, device: torch.device, attn_backend: str | None = None
+    args: argparse.Namespace, device: torch.device, check_only: bool = False
 ) -> tuple[Any, str]:
     """:func:`load_model`, any failure reported as one :class:`Fatal` line."""
     try:
-        return load_model(args, device, attn_backend)
+        return load_model(args, device, check_only)
     except ValueError as e:  # CheckpointError and bad options: their messages name the file or the option
         raise Fatal(str(e)) from None
     except Exception as e:  # a damaged checkpoint can fail anywhere in its readers: one line, not a traceback
@@ -483,28 +487,40 @@ def resize_rule(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- encoding
 
 
-def prefetch(items: Iterable[Any], load: Callable[[Any], Any], workers: int) -> Iterator[tuple[Any, Future]]:
-    """Yield ``(item, future of load(item))`` in order, keeping at most ``2 * workers`` loads in flight.
+class Loads:
+    """``load(item)`` on ``workers`` threads, for :func:`prefetch`."""
 
+    def __init__(self, load: Callable[[Any], Any], workers: int) -> None:
+        self.load, self.pool = load, ThreadPoolExecutor(workers)
+        self.window = 2 * workers
+
+    def submit(self, item: Any) -> Future:
+        return self.pool.submit(self.load, item)
+
+    def close(self) -> None:
+        # after Ctrl-C, do not decode the queued images first
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def prefetch(items: Iterable[Any], loads: Loads | GpuDecoder) -> Iterator[tuple[Any, Future]]:
+    """Yield ``(item, loads.submit(item))`` in order, keeping at most ``loads.window`` loads in flight.
+
+    ``loads`` is a :class:`Loads` or a :class:`~packvit_native.gpu_decode.GpuDecoder`; the caller closes it.
     ``items`` may be a lazy iterator (a stream of samples read from a shard): it is advanced in the caller's
     thread, one item ahead of each one handed out.
     """
-    pool = ThreadPoolExecutor(workers)
-    try:
-        queue: deque[tuple[Any, Future]] = deque()
-        ahead = iter(items)
-        for item in ahead:
-            queue.append((item, pool.submit(load, item)))
-            if len(queue) >= 2 * workers:
-                break
-        while queue:
-            item, future = queue.popleft()
-            nxt = next(ahead, None)
-            if nxt is not None:
-                queue.append((nxt, pool.submit(load, nxt)))
-            yield item, future
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # after Ctrl-C, do not decode the queued images first
+    queue: deque[tuple[Any, Future]] = deque()
+    ahead = iter(items)
+    for item in ahead:
+        queue.append((item, loads.submit(item)))
+        if len(queue) >= loads.window:
+            break
+    while queue:
+        item, future = queue.popleft()
+        nxt = next(ahead, None)
+        if nxt is not None:
+            queue.append((nxt, loads.submit(nxt)))
+        yield item, future
 
 
 def token_outputs(
@@ -528,7 +544,8 @@ def run_model(
     """Encode one batch; ``(grid_thw, {tensor name: (patch tokens, prefix tokens or None)})`` on the CPU."""
     grids = torch.cat([g for _, _, g in batch])
     packing = model.pack(grids)
-    patches = torch.cat([p for _, p, _ in batch]).to(device, non_blocking=True)
+    # with --decode gpu, JPEGs come on the device and other images on the CPU
+    patches = torch.cat([p.to(device, non_blocking=True) for _, p, _ in batch])
     layers = tuple(args.layers) if args.layers else None
     with torch.inference_mode():
         result = model(patches, packing=packing, output_layers=layers, return_prefix=args.prefix)
@@ -549,12 +566,19 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
         raise Fatal(f"--device {args.device}: {e}") from None
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    args.dtype = default_dtype(args, device)
     return device
 
 
+def default_dtype(args: argparse.Namespace, device: torch.device) -> str:
+    """``--dtype``, by default bfloat16 on cuda or with ``--fp8`` (whose other layers run in bfloat16), else
+    float32."""
+    return args.dtype or ("bfloat16" if device.type == "cuda" or args.fp8 else "float32")
+
+
 def check_device(args: argparse.Namespace, device: torch.device) -> None:
-    """Refuse a CUDA device without a GPU, and an attention backend that cannot run on ``device``."""
+    """Refuse a CUDA device without a GPU, an attention backend that cannot run on ``device``, and ``--decode
+    gpu`` where torchvision's nvJPEG decoder cannot run on it."""
     from .attention import resolve_backend
 
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -563,8 +587,54 @@ def check_device(args: argparse.Namespace, device: torch.device) -> None:
         resolve_backend(args.attn_backend, device)
     except ValueError as e:
         raise Fatal(str(e)) from None
-    if args.decode == "gpu" and device.type != "cuda":
-        raise Fatal("--decode gpu decodes JPEGs on a CUDA device; this run's --device is " + str(device))
+    if args.decode == "gpu":
+        try:
+            nvjpeg_decoder(device)  # torchvision importable, and nvJPEG runs on this device
+        except ValueError as e:
+            raise Fatal(str(e)) from None
+
+
+def staged(
+    loaded: tuple[Tensor, Tensor], args: argparse.Namespace, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Host patches made ready for the device by the thread that made them: cast to ``--dtype`` (the cast the
+    forward makes first, so the same values, and half the bytes to move in bfloat16) and, for a CUDA device,
+    pinned, so that the main thread's copy is asynchronous instead of holding it while the GPU waits."""
+    patches, grid = loaded
+    patches = patches.to(DTYPES[args.dtype])
+    return (patches.pin_memory() if device.type == "cuda" else patches), grid
+
+
+def gpu_decoder(
+    args: argparse.Namespace,
+    config: Any,
+    rule: dict[str, Any],
+    device: torch.device,
+    read: Callable[[Any], bytes | None],
+    fallback: Callable[[bytes], tuple[Tensor, Tensor]],
+) -> GpuDecoder:
+    """The ``--decode gpu`` loads (:class:`~packvit_native.gpu_decode.GpuDecoder`), errors as ``Fatal``."""
+    try:
+        return GpuDecoder(config, args, rule, device, read, fallback)
+    except ValueError as e:
+        raise Fatal(str(e)) from None
+
+
+def warm_up(model: Any, rule: dict[str, Any], device: torch.device) -> None:
+    """One forward of a small blank image before the clock starts, so that the run's throughput figures leave
+    out one-time costs (kernel compilation, library start-up), and a backend that fails on this device fails
+    before anything is written."""
+    from .preprocess import target_size
+
+    c = model.config
+    h, w = target_size(224, 224, c, **rule)
+    frames = torch.zeros(c.temporal_patch_size, c.num_channels, h, w, device=device)
+    patches, grid = model.patchify([frames])
+    try:
+        with torch.inference_mode():
+            model(patches, grid)
+    except (ValueError, RuntimeError) as e:
+        raise Fatal(f"the model fails a first forward on {device}: {type(e).__name__}: {e}") from None
 
 
 def share(items: list[Any], num_shards: int, shard_index: int, name: Callable[[Any], str]) -> list[Any]:
@@ -591,6 +661,8 @@ def check_options(args: argparse.Namespace, kind: str) -> None:
     """Options that do not fit the inputs or each other, refused before anything is read or written."""
     if args.engine == "local":
         args.workers = args.workers or 4
+    if args.fp8 and args.dtype not in (None, "bfloat16"):
+        raise Fatal(f"--fp8 runs the layers it leaves unquantized in bfloat16; drop --dtype {args.dtype}")
     if not 0 <= args.shard_index < args.num_shards:
         raise Fatal(f"--shard-index {args.shard_index} is not in 0..{args.num_shards - 1} (--num-shards)")
     shard_only = {
@@ -654,28 +726,34 @@ def _encode_files(args: argparse.Namespace) -> int:
         say("packvit encode: nothing left to encode")
         return 0
     rule = resize_rule(args, model)
+    warm_up(model, rule, device)
 
     if args.decode == "gpu":
         from .shards import preprocess_bytes
 
-        def load(item: Item) -> tuple[Tensor, Tensor]:
-            return preprocess_bytes(item.path.read_bytes(), model.config, args, rule, device, str(item.path))
-
+        loads: Loads | GpuDecoder = gpu_decoder(
+            args, model.config, rule, device, lambda item: item.path.read_bytes(),
+            lambda data: staged(preprocess_bytes(data, model.config, args, rule), args, device),
+        )  # fmt: skip
     else:
 
         def load(item: Item) -> tuple[Tensor, Tensor]:
-            return pv.preprocess(
+            loaded = pv.preprocess(
                 item.path, model, resample=args.resample, max_decoded_pixels=args.max_decoded_pixels, **rule
             )
+            return staged(loaded, args, device)
+
+        loads = Loads(load, args.workers)
 
     started = time.perf_counter()
-    encoded, patch_tokens, failed, model_s = _encode_items(todo, load, model, writer, manifest, args, device)
+    encoded, patch_tokens, failed, model_s = _encode_items(todo, loads, model, writer, manifest, args, device)
     wall_s = time.perf_counter() - started
     say(
         f"packvit encode: encoded {plural(encoded, 'image')} ({plural(patch_tokens, 'patch token')}) "
         f"in {wall_s:.1f}s into {out}"
         + (f"; {skipped} already there" if skipped else "")
         + f"; {throughput(encoded, wall_s, model_s)}"
+        + (f"; {loads.summary()}" if isinstance(loads, GpuDecoder) else "")
     )
     if failed:
         say(f"packvit encode: {plural(len(failed), 'image')} unreadable: " + ", ".join(map(str, failed)))
@@ -685,7 +763,7 @@ def _encode_files(args: argparse.Namespace) -> int:
 
 def _encode_items(
     todo: list[Item],
-    load: Callable[[Item], tuple[Tensor, Tensor]],
+    loads: Loads | GpuDecoder,
     model: Any,
     writer: _Writer,
     manifest: dict[str, Any],
@@ -723,10 +801,10 @@ def _encode_items(
         bar.update(len(batch))
 
     bar = tqdm(total=len(todo), unit="img", desc="encode", disable=None)  # shown on a terminal only
-    with contextlib.closing(prefetch(todo, load, args.workers)) as loads, bar:
+    with contextlib.closing(loads), contextlib.closing(prefetch(todo, loads)) as stream, bar:
         batch: list[tuple[Item, Tensor, Tensor]] = []
         batch_tokens = 0
-        for item, future in loads:
+        for item, future in stream:
             try:
                 patches, grid = future.result()
             except ValueError as e:
@@ -808,9 +886,17 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--prefix", action="store_true", help="also store the prefix tokens (class, registers)")
     enc.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     enc.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on cuda, else float32"
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="default: bfloat16 on cuda or with --fp8, else float32",
     )
     enc.add_argument("--attn-backend", default="auto", help="attention backend (default: auto)")
+    enc.add_argument(
+        "--fp8", action="store_true",
+        help="run the transformer blocks' linear layers as FP8 GEMMs, the rest in bfloat16 (inference; needs "
+        "a GPU of compute capability 8.9 or newer, or a PyTorch whose CPU build runs FP8 matmuls); recorded in the settings, as it changes the features",
+    )  # fmt: skip
     enc.add_argument(
         "--max-tokens", type=_positive_int, default=16384,
         help="token budget of one batch, prefix tokens included (default 16384)",
@@ -829,8 +915,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enc.add_argument(
         "--workers", type=_positive_int, default=None,
-        help="--engine local: threads decoding images ahead (default 4); --engine ray: model actors (default: "
-        "the cluster's GPUs / --gpus-per-worker, or 1 without GPUs)",
+        help="--engine local: threads reading and decoding images ahead (default 4; with --decode gpu they "
+        "parse headers and decode what the GPU does not); --engine ray: model actors (default: the cluster's "
+        "GPUs / --gpus-per-worker, or 1 without GPUs)",
     )  # fmt: skip
     enc.add_argument(
         "--max-decoded-pixels", type=_positive_int, default=MAX_DECODED_PIXELS, metavar="N",
@@ -878,8 +965,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     enc.add_argument(
         "--decode", choices=("cpu", "gpu"), default="cpu",
-        help="gpu: decode JPEGs with torchvision.io.decode_jpeg on the CUDA device and resize them there "
-        "(needs torchvision; features close to, not bit-identical with, the default PIL path)",
+        help="gpu (--engine local, CUDA devices): decode JPEGs in batches with nvJPEG "
+        "(torchvision.io.decode_jpeg) and resize them on the device; other images, and JPEGs nvJPEG would not "
+        "decode as PIL does, take the CPU path. Needs torchvision built for this torch with CUDA. Features "
+        "are close to, not bit-identical with, the default PIL decoding, so it is recorded in the settings",
     )  # fmt: skip
     return parser
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cli import Fatal, encode_args, load_model, resize_rule
+from .cli import Fatal, default_dtype, encode_args, load_model, resize_rule
 from .shards import (
     Encoded,
     Plan,
@@ -84,7 +84,7 @@ def connect(args: argparse.Namespace, say: Callable[[str], None]) -> torch.devic
     device = torch.device("cuda" if args.gpus_per_worker > 0 else "cpu")
     if args.device is not None and torch.device(args.device).type != device.type:
         raise Fatal(f"--device {args.device} does not fit --gpus-per-worker {args.gpus_per_worker:g}")
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    args.dtype = default_dtype(args, device)
     say(
         f"packvit encode: Ray cluster with {gpus:g} GPUs and {ray.cluster_resources().get('CPU', 0):g} CPUs; "
         f"{args.workers} model workers with {args.gpus_per_worker:g} GPUs each"
@@ -311,7 +311,8 @@ def encode_dataset(
         gpus_per_worker: GPUs per actor; 0 runs the model on CPUs.
         settings: any other ``packvit encode`` option by its Python name, with the same default: ``dtype``,
             ``max_tokens``, ``layers``, ``prefix``, ``tokens``, ``preview``, ``max_patches``, ``min_pixels``,
-            ``max_pixels``, ``size``, ``resample``, ``merge_size``, ``attn_backend``, ``max_decoded_pixels``.
+            ``max_pixels``, ``size``, ``resample``, ``merge_size``, ``attn_backend``, ``max_decoded_pixels``,
+            ``fp8`` (the actors load the model with ``precision="fp8"``).
 
     Returns:
         The dataset with every other input column, plus ``grid_thw`` (``int64[3]``), ``embedding``
@@ -329,9 +330,9 @@ def encode_dataset(
         raise ValueError(
             "encode_dataset decodes in CPU tasks; decode='gpu' applies to packvit encode --engine local"
         )
-    args.dtype = args.dtype or ("bfloat16" if gpus_per_worker > 0 else "float32")
+    args.dtype = default_dtype(args, torch.device("cuda" if gpus_per_worker > 0 else "cpu"))
     try:
-        loaded, sha256 = load_model(args, torch.device("cpu"), "sdpa")
+        loaded, sha256 = load_model(args, torch.device("cpu"), check_only=True)
         rule = resize_rule(args, loaded)
     except Fatal as e:
         raise ValueError(str(e)) from None

@@ -67,10 +67,12 @@ from .cli import (
     KEPT,
     MANIFEST_VERSION,
     Fatal,
+    Loads,
     build_manifest,
     check_device,
     check_manifest,
     expected_keys,
+    gpu_decoder,
     load_model_or_fail,
     plural,
     prefetch,
@@ -83,9 +85,12 @@ from .cli import (
     resolve_device,
     save_tensors,
     share,
+    staged,
     throughput,
     token_outputs,
+    warm_up,
 )
+from .gpu_decode import GpuDecoder
 from .preprocess import decode
 
 __all__ = [
@@ -204,23 +209,25 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2).lower()) if match else None
 
 
-class _EndCheckingTarInfo(tarfile.TarInfo):
-    """Remembers whether the last header block read was whole, and the end-of-archive block: tarfile ends a
-    stream silently at a missing or cut header, which is how an archive cut short at a header looks."""
+def _watch_header_reads(tar: tarfile.TarFile, ends: dict[str, bool]) -> None:
+    """Record whether the last block-sized read of ``tar`` was a whole end-of-archive block. tarfile reads
+    every header as one block and ends a stream silently at a missing or cut header, which is how an archive
+    cut short at a header looks; the last header read tells the two apart."""
+    read = tar.fileobj.read
 
-    ends: dict[str, bool]
+    def watched(size: int = -1) -> bytes:
+        buf = read(size)
+        if size == tarfile.BLOCKSIZE:
+            ends["marker"] = len(buf) == tarfile.BLOCKSIZE and not buf.strip(tarfile.NUL)
+        return buf
 
-    @classmethod
-    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
-        cls.ends["marker"] = len(buf) == tarfile.BLOCKSIZE and not buf.strip(tarfile.NUL)
-        return super().frombuf(buf, encoding, errors)
+    tar.fileobj.read = watched
 
 
 def read_webdataset(path: Path) -> Iterator[Sample]:
     """The samples of a webdataset tar file, streamed in one pass (see the module docstring)."""
     index, seen = 0, set()
     ends = {"marker": False}
-    tarinfo = type("_TarInfo", (_EndCheckingTarInfo,), {"ends": ends})  # this reader's own record
     key: str | None = None
     members: dict[str, bytes] = {}
 
@@ -240,7 +247,8 @@ def read_webdataset(path: Path) -> Iterator[Sample]:
         return Sample(index - 1, key, members[image], meta)
 
     try:
-        with tarfile.open(path, mode="r|*", tarinfo=tarinfo) as tar:
+        with tarfile.open(path, mode="r|*") as tar:
+            _watch_header_reads(tar, ends)
             for member in tar:
                 parts = _split_name(member.name) if member.isfile() else None
                 if parts is None:
@@ -371,47 +379,21 @@ def decode_image(data: bytes, mode: str, max_decoded_pixels: int | None) -> Imag
         raise ValueError(f"cannot read image: {message}") from None
 
 
-def _decode_jpeg_gpu(data: bytes, channels: int, device: torch.device) -> Tensor:
-    """``uint8 [C, H, W]`` on ``device``, decoded by nvJPEG through torchvision (``--decode gpu``)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    try:
-        return decode_jpeg(raw, mode=mode, device=device, apply_exif_orientation=True)
-    except RuntimeError as e:
-        raise ValueError(f"cannot read image: {e}") from None
-
-
 def preprocess_bytes(
-    data: bytes,
-    config: Any,
-    args: argparse.Namespace,
-    rule: dict[str, Any],
-    device: torch.device | None = None,
-    name: str | None = None,
+    data: bytes, config: Any, args: argparse.Namespace, rule: dict[str, Any]
 ) -> tuple[Tensor, Tensor]:
-    """Encoded image bytes -> ``(patches, grid_thw)`` exactly as :func:`packvit_native.preprocess` makes them
-    from the same file. With ``--decode gpu`` a JPEG is decoded and resized on ``device`` instead (torchvision
-    on CUDA; resized by ``F.interpolate``, so close to the PIL path, not bit-identical); other formats take the
-    PIL path."""
+    """Encoded image bytes -> ``(patches, grid_thw)`` on the CPU, exactly as :func:`packvit_native.preprocess`
+    makes them from the same file; ``ValueError`` if they cannot be read. (``--decode gpu`` decodes JPEGs on
+    the GPU instead: :mod:`packvit_native.gpu_decode`.)"""
     from .preprocess import preprocess
 
     try:
-        mode = "RGB" if config.num_channels == 3 else "L"
-        if args.decode == "gpu" and data[:3] == b"\xff\xd8\xff":
-            with Image.open(io.BytesIO(data)) as im:  # the header, for the size check
-                w, h = im.size
-            if args.max_decoded_pixels is not None and w * h > args.max_decoded_pixels:
-                decode_image(data, mode, args.max_decoded_pixels)  # raises the same error as the PIL path
-            image = _decode_jpeg_gpu(data, config.num_channels, device)
-            return preprocess(image, config, resample=args.resample, device=device, **rule)
-        image = decode_image(data, mode, args.max_decoded_pixels)
+        image = decode_image(data, "RGB" if config.num_channels == 3 else "L", args.max_decoded_pixels)
         return preprocess(image, config, resample=args.resample, **rule)
-    except ValueError as e:
-        raise ValueError(f"{name}: {e}" if name else str(e)) from None
+    except ValueError:
+        raise
     except Exception as e:  # a decoder's own failure: reported for this sample, never fatal to the run
-        raise ValueError(f"{name + ': ' if name else ''}cannot read image: {type(e).__name__}: {e}") from None
+        raise ValueError(f"cannot read image: {type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------- encoding
@@ -694,7 +676,7 @@ def encode_shards(args: argparse.Namespace, kind: str, say: Callable[[str], None
         check_manifest(out, previous, manifest)
     if args.engine == "local":
         check_device(args, device)
-    model, sha256 = load_model_or_fail(args, model_device, "sdpa" if args.engine == "ray" else None)
+    model, sha256 = load_model_or_fail(args, model_device, check_only=args.engine == "ray")
     manifest["model"]["sha256"] = sha256
     if previous is not None:
         check_manifest(out, previous, manifest)
@@ -712,6 +694,8 @@ def encode_shards(args: argparse.Namespace, kind: str, say: Callable[[str], None
     if not todo:
         say("packvit encode: nothing left to encode")
         return 0
+    if args.engine == "local":
+        warm_up(model, rule, device)
     started = time.perf_counter()
     if args.engine == "ray":
         from .ray_data import encode_shards_ray
@@ -727,6 +711,7 @@ def encode_shards(args: argparse.Namespace, kind: str, say: Callable[[str], None
         + (f"; {plan.skipped} already there" if plan.skipped else "")
         + f"; {throughput(stats.images, wall_s, stats.model_s)}"
         + (f" ({plural(stats.workers, 'worker')})" if stats.workers > 1 else "")
+        + (f"; {stats.decode}" if stats.decode else "")
     )
     if stats.errors:
         say(
@@ -744,6 +729,7 @@ class Stats:
     errors: int = 0
     model_s: float = 0.0  # seconds in the forward, summed over workers; divided by them for the figure
     workers: int = 1
+    decode: str = ""  # --decode gpu: how many images each path took
 
 
 class Writes:
@@ -799,11 +785,21 @@ def _encode_local(
                 yield result, sample
             yield result, None  # the shard's end
 
-    def load(event: tuple[ShardResult, Sample | None]) -> tuple[Tensor, Tensor] | None:
+    def read(event: tuple[ShardResult, Sample | None]) -> bytes | None:
         sample = event[1]
-        if sample is None or sample.error is not None:
-            return None
-        return preprocess_bytes(sample.data, plan.config, args, plan.rule, device)
+        return None if sample is None or sample.error is not None else sample.data
+
+    def on_host(data: bytes) -> tuple[Tensor, Tensor]:
+        return staged(preprocess_bytes(data, plan.config, args, plan.rule), args, device)
+
+    def load(event: tuple[ShardResult, Sample | None]) -> tuple[Tensor, Tensor] | None:
+        data = read(event)
+        return None if data is None else on_host(data)
+
+    if args.decode == "gpu":
+        loads: Loads | GpuDecoder = gpu_decoder(args, plan.config, plan.rule, device, read, on_host)
+    else:
+        loads = Loads(load, args.workers)
 
     batch: list[tuple[Sample, Tensor, Tensor]] = []
 
@@ -822,9 +818,9 @@ def _encode_local(
     writes = Writes()
     bar = tqdm(unit="img", desc="encode", disable=None)
     try:
-        with contextlib.closing(prefetch(events(), load, args.workers)) as loads, bar:
+        with contextlib.closing(loads), contextlib.closing(prefetch(events(), loads)) as stream, bar:
             tokens = 0
-            for (result, sample), future in loads:
+            for (result, sample), future in stream:
                 if sample is None:
                     if batch:
                         flush(result)
@@ -848,4 +844,6 @@ def _encode_local(
                 tokens += n
     finally:
         writes.close()
+    if isinstance(loads, GpuDecoder):
+        stats.decode = loads.summary()
     return stats

@@ -9,11 +9,21 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 CORRUPT = b"\xff\xd8\xff this is not a jpeg"
+
+
+def photo_like(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """``uint8 [h, w, 3]`` that compresses like a photo: a smooth colour gradient, a few flat discs with sharp
+    edges, mild noise."""
+    y, x = np.mgrid[0:h, 0:w]
+    ramps = np.stack([y, x], -1) / max(h, w)  # [h, w, 2]
+    image = rng.uniform(40, 200, 3) + ramps @ rng.uniform(-80, 80, (2, 3))  # [h, w, 3]
+    for _ in range(3):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.1, 0.4) * min(h, w)
+        image[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    return np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
 
 
 def image_bytes(rng: np.random.Generator, fmt: str) -> bytes:
@@ -59,6 +69,9 @@ def write_webdataset(folder: Path, shards: int = 3, per_shard: int = 5) -> list[
 def write_parquet(folder: Path, shards: int = 2, per_shard: int = 5, row_group_size: int = 2) -> list[Path]:
     """``folder/part-{0..shards-1}.parquet`` with columns ``id`` (key), ``jpg`` (bytes), ``caption``, several
     row groups each."""
+    import pyarrow as pa  # here, so that the helpers for webdataset shards need no pyarrow
+    import pyarrow.parquet as pq
+
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for s in range(shards):

@@ -161,3 +161,21 @@ def test_bad_options_fail_before_anything_is_written(tiny_reference, folder, tmp
     assert not out.exists() or not any(out.iterdir()), "a failed start leaves no manifest or features"
     # corrected options are not refused as "other settings"
     assert _encode("--model", src, "--out", out, folder / "a.png") == 0
+
+
+def test_fp8_is_a_setting_of_the_folder(tiny_reference, folder, tmp_path, capsys):
+    src, out = tiny_reference("dinov3", "gelu"), tmp_path / "features"
+    assert _encode("--model", src, "--out", out, folder / "a.png", "--fp8", "--dtype", "float32") == 2
+    assert "--fp8 runs the layers it leaves unquantized in bfloat16" in capsys.readouterr().err
+    code = _encode("--model", src, "--out", out, folder / "a.png", "--fp8")
+    err = capsys.readouterr().err
+    if code == 2:  # no FP8 matmuls on this machine: refused at load, saying why, before anything is written
+        assert "precision='fp8' cannot run on cpu" in err and not list(out.rglob("*.safetensors"))
+        pytest.skip(f"FP8 does not run here: {err.strip()}")
+    assert code == 0, err
+    settings = json.loads((out / "packvit-encode.json").read_text())["settings"]
+    assert settings["precision"] == "fp8" and settings["dtype"] == "bfloat16"
+    assert load_file(out / "a.safetensors")["features"].dtype == torch.bfloat16
+    # features made without FP8 would differ: such a rerun into the folder is refused
+    assert _encode("--model", src, "--out", out, folder / "c.png", "--dtype", "bfloat16") == 2
+    assert "differing: precision" in capsys.readouterr().err
