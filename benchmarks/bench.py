@@ -2,12 +2,17 @@
 process.
 
 For every model and workload every contender encodes the same images: ours per attention backend (eager, and
-with --compile compiled blocks), transformers (and with --peer-compile transformers compiled), and timm's own
-model where it has one (eager, and compiled with --peer-compile). Contenders are timed in interleaved rounds
-(every contender once per round, --rounds of them, --calls timed calls each after a warm-up), with the bf16
-GEMM peak measured in every round; we report the median of the round medians with min and max, flag a spread
-above 10 %, and give images/s, tokens/s, achieved TFLOP/s (useful work only: padding is never counted), its
-fraction of the GEMM peak, peak memory, and ratios against the best peer of the row. transformers runs its best way for each case: sdpa attention,
+with --compile compiled blocks; with --fp8 each also with FP8 block linears; with --graphs each also replayed
+from CUDA graphs captured at the workload's token count rounded up to 256), transformers (and with
+--peer-compile transformers compiled), and timm's own model where it has one (eager, and compiled with
+--peer-compile; SigLIP2 NaFlex as timm's NaFlexViT on one padded batch). Contenders are timed in interleaved
+rounds (every contender once per round, --rounds of them, --calls timed calls each after a warm-up), with the
+bf16 GEMM peak measured in every round; we report the median of the round medians with min and max, flag a
+spread above 10 %, and give images/s, tokens/s, achieved TFLOP/s (useful work only: padding is never counted),
+its fraction of the GEMM peak, peak memory (for graph rows without the graph's pool, allocated at capture),
+and ratios against the best peer of the row. Workloads: ``uniformN`` (N x N images), ``mixed`` (32 images,
+224-1024 px a side), ``small`` (256 thumbnails, 64-224 px), ``batchN`` (N images at 448 x 448), ``stream``
+(16 of the mixed images, one call each, for every contender). transformers runs its best way for each case: sdpa attention,
 one batch per distinct image size (a single batch for uniform workloads, mostly one image at a time for mixed
 sizes), one padded and masked batch for SigLIP2 NaFlex, or the packed batch itself for the Qwen-VL towers,
 which take ``grid_thw`` as we do. Qwen-VL workloads use the sizes Qwen's processor gives the same images, and
@@ -44,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import packvit_native as pv
 from packvit_native.attention import available_backends
+from packvit_native.fp8 import convert_to_fp8
 from packvit_native.loading import build_model
 from packvit_native.preprocess import smart_size
 from weights_convert.check import transformers_class
@@ -77,6 +83,10 @@ def workload(name: str, config: pv.EncoderConfig) -> list[tuple[int, int, int]]:
         return [grid(side, side)] * (32 if side <= 448 else 8)
     if name == "mixed":  # 32 images, each side 224-1024 px
         return [grid(rng.randint(224, 1024), rng.randint(224, 1024)) for _ in range(32)]
+    if name.startswith("batch"):  # a few images at 448 x 448: latency of small batches
+        return [grid(448, 448)] * int(name.removeprefix("batch"))
+    if name == "stream":  # online encoding: 16 mixed-size images (224-1024 px a side), one call each
+        return workload("mixed", config)[:16]
     if name == "small":  # 256 thumbnails, each side 64-224 px
         return [grid(rng.randint(64, 224), rng.randint(64, 224)) for _ in range(256)]
     if name == "video":  # 4 clips of 16 frames, 448 x 448
@@ -198,8 +208,16 @@ def hf_runner(spec: Preset, hf: Any, images: list[torch.Tensor], ours: pv.Packed
     return run, None
 
 
-# timm's own models at our presets' sizes (random weights; only their speed is compared).
-TIMM_MODELS = {"dinov3_vitl16": "vit_large_patch16_dinov3"}
+# timm's own models at our presets' sizes (random weights; only their speed is compared). SigLIP2 NaFlex runs
+# as timm's NaFlexViT, fed one padded batch of patches with their coordinates and a validity mask.
+TIMM_MODELS = {
+    "dinov3_vitl16": "vit_large_patch16_dinov3",
+    "aimv2_l14": "aimv2_large_patch14_224",
+    "siglip_so400m14_384": "vit_so400m_patch14_siglip_384",
+    "siglip2_so400m16": "naflexvit_so400m_patch16_siglip",
+    "clip_vitl14_336": "vit_large_patch14_clip_quickgelu_336",
+    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2",
+}
 
 
 @dataclass
@@ -220,53 +238,105 @@ def size_groups(images: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.stack(g) for g in groups.values()]
 
 
-def timm_runner(key: str, images: list[torch.Tensor], compiled: bool) -> Callable[[], Any] | None:
+def timm_runner(key: str, batches: list[list[torch.Tensor]], compiled: bool) -> Callable[[], Any] | None:
+    """One timm model encoding each batch in turn (per distinct size, or NaFlexViT's padded batch)."""
     if key not in TIMM_MODELS:
         return None
     try:
         import timm
     except ImportError:
         return None
-    model = timm.create_model(TIMM_MODELS[key], pretrained=False, dynamic_img_size=True)
+    name = TIMM_MODELS[key]
+    naflex = name.startswith("naflexvit")
+    model = timm.create_model(name, pretrained=False, **({} if naflex else {"dynamic_img_size": True}))
     model = model.to(device="cuda", dtype=DTYPE).eval()
     forward = torch.compile(model.forward_features, dynamic=True) if compiled else model.forward_features
-    batches = size_groups(images)
-    return lambda: [forward(b) for b in batches]
+    calls = []
+    for images in batches:
+        if naflex and len({im.shape for im in images}) > 1:
+            calls.append(partial(forward, **naflex_batch(images, MODELS[key].hf_config["patch_size"])))
+        else:
+            calls += [partial(forward, b) for b in size_groups(images)]
+    return lambda: [call() for call in calls]
+
+
+def naflex_batch(images: list[torch.Tensor], patch: int) -> dict[str, torch.Tensor]:
+    """timm NaFlexViT's input: ``[B, N, p*p*C]`` patches (row-major, channels last) padded to the longest
+    image, their ``(y, x)`` coordinates and a validity mask."""
+    patches, grid = pv.patchify(images, patch, layout="hwc")
+    counts = (grid[:, 1] * grid[:, 2]).tolist()
+    n = max(counts)
+    out = {
+        "patches": patches.new_zeros(len(images), n, patches.shape[1]),
+        "patch_coord": torch.zeros(len(images), n, 2, dtype=torch.long, device="cuda"),
+        "patch_valid": torch.zeros(len(images), n, dtype=torch.bool, device="cuda"),
+    }
+    for i, (chunk, (_, h, w)) in enumerate(zip(patches.split(counts), grid.tolist(), strict=True)):
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        out["patches"][i, : len(chunk)] = chunk
+        out["patch_coord"][i, : len(chunk)] = torch.stack([rows.flatten(), cols.flatten()], 1).cuda()
+        out["patch_valid"][i, : len(chunk)] = True
+    return out
+
+
+def with_graphs(model: pv.PackedVisionEncoder, batches: list[list[tuple[int, int, int]]], backend: str):
+    """A view of ``model`` (same parameters) with CUDA graphs captured for a workload's batches: one budget per
+    batch, its tokens rounded up to a multiple of 256 (what a deployment with a known batch shape or size
+    ladder sets), segments up to the longest frame."""
+    packings = [model.pack(grids) for grids in batches]
+    budgets = sorted({-(-p.frames.total // 256) * 256 for p in packings})
+    segmentations = [s for p in packings for s in (p.frames, p.windows) if s is not None]
+    view = copy.copy(model)  # shares parameters and submodules; only the graphs are its own
+    return view.capture_graphs(
+        budgets, max_segments=max(len(s.lengths) for s in segmentations),
+        max_seqlen=max(s.max_seqlen for s in segmentations), attn_backend=backend,
+    )  # fmt: skip
 
 
 def contenders(
     key: str, spec: Preset, hf: Any, ours: pv.PackedVisionEncoder, compiled: pv.PackedVisionEncoder | None,
-    images: list[torch.Tensor], backends: list[str], uniform: bool, peer_compile: bool,
+    images: list[torch.Tensor], backends: list[str], uniform: bool, peer_compile: bool, graphs: bool = False,
+    per_image: bool = False, fp8: tuple[pv.PackedVisionEncoder, pv.PackedVisionEncoder | None] | None = None,
 ) -> list[Contender]:  # fmt: skip
-    """Ours per backend (eager and compiled) and the peers: transformers and timm, eager and compiled.
+    """Ours per backend (eager, compiled, replayed from CUDA graphs) and the peers: transformers and timm,
+    eager and compiled. With ``per_image`` every contender encodes the images one call each (online
+    encoding); otherwise the whole workload is one call. ``fp8``: our FP8 model, eager and compiled (or
+    ``None``), measured as ``+fp8`` variants.
 
     Compiled peers run on uniform workloads only: compiling them per distinct image size of a mixed workload
     would measure recompilation, which no user of a compiled peer would accept either.
     """
-    run, padded = hf_runner(spec, hf, images, ours)
-    out = [Contender("transformers", run, False, padded)]
+    batches = [[im] for im in images] if per_image else [images]
+
+    def sequence(runs: list[Callable[[], Any]]) -> Callable[[], Any]:
+        return runs[0] if len(runs) == 1 else lambda: [r() for r in runs]
+
+    peers = [hf_runner(spec, hf, b, ours) for b in batches]
+    padded = None if per_image else peers[0][1]
+    out = [Contender("transformers", sequence([r for r, _ in peers]), False, padded)]
     if peer_compile and uniform:
         compiled_hf = torch.compile(hf, dynamic=False)
-        run_c, _ = hf_runner(spec, compiled_hf, images, ours)
-        out.append(Contender("transformers+compile", run_c, False, padded))
+        runs = [hf_runner(spec, compiled_hf, b, ours)[0] for b in batches]
+        out.append(Contender("transformers+compile", sequence(runs), False, padded))
     for tag, compile_timm in (("timm", False), ("timm+compile", True)):
         if compile_timm and not (peer_compile and uniform):
             continue
-        timm_run = timm_runner(key, images, compile_timm)
-        if timm_run is not None:
-            out.append(Contender(tag, timm_run, False))
-    patches, grid = ours.patchify(images)
-    grid = grid.cpu()
+        run = timm_runner(key, batches, compile_timm)
+        if run is not None:
+            out.append(Contender(tag, run, False))
+    inputs = [(patches, grid.cpu()) for patches, grid in (ours.patchify(b) for b in batches)]
+    grids = [[tuple(g) for g in grid.tolist()] for _, grid in inputs]
     for backend in backends:
-        out.append(Contender(f"packvit[{backend}]", partial(ours, patches, grid, attn_backend=backend), True))
-        if compiled is not None:
-            out.append(
-                Contender(
-                    f"packvit[{backend}+compile]",
-                    partial(compiled, patches, grid, attn_backend=backend),
-                    True,
-                )
-            )
+        variants = [("", ours)] + ([("+compile", compiled)] if compiled is not None else [])
+        if fp8 is not None:
+            variants += [
+                (f"{tag}+fp8", m) for tag, m in zip(("", "+compile"), fp8, strict=True) if m is not None
+            ]
+        if graphs and backend != "sdpa":
+            variants += [(f"{tag}+graphs", with_graphs(model, grids, backend)) for tag, model in variants]
+        for tag, model in variants:
+            runs = [partial(model, patches, grid, attn_backend=backend) for patches, grid in inputs]
+            out.append(Contender(f"packvit[{backend}{tag}]", sequence(runs), True))
     return out
 
 
@@ -326,8 +396,11 @@ def result_rows(
             "padded_patches": c.padded_patches,
         })  # fmt: skip
     best_peer = max((r for r in rows if not r["ours"]), key=lambda r: r["img_per_s"])
+    by_impl = {r["impl"]: r for r in rows}
     for r in rows:
         r["vs_best_peer"] = r["img_per_s"] / best_peer["img_per_s"]
+        if "+fp8" in r["impl"] and r["impl"].replace("+fp8", "") in by_impl:
+            r["vs_bf16"] = r["img_per_s"] / by_impl[r["impl"].replace("+fp8", "")]["img_per_s"]
         r["best_peer"] = best_peer["impl"]
         r["mem_vs_best_peer"] = (
             r["peak_gib"] / best_peer["peak_gib"] if best_peer["peak_gib"] > 0 else float("nan")
@@ -345,6 +418,15 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd blocks")
     parser.add_argument(
         "--peer-compile", action="store_true", help="also measure compiled peers (uniform workloads)"
+    )
+    parser.add_argument(
+        "--graphs", action="store_true", help="also measure ours replayed from CUDA graphs (capture_graphs)"
+    )
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="also measure ours with FP8 block linears (precision='fp8'), as +fp8 variants of the others; "
+        "TFLOP/s and the GEMM fraction stay relative to the bf16 peak",
     )
     parser.add_argument("--big-workloads", default="uniform448,mixed", help="workloads for the 7B model")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (default 3)")
@@ -379,14 +461,19 @@ def main() -> None:
         backends = [b for b in backends if b in available_backends("cuda")]
         big = key == "dinov3_vit7b16"
         compiled = copy.deepcopy(ours).compile_blocks() if args.compile and not big else None
+        fp8 = None
+        if args.fp8:
+            ours8 = convert_to_fp8(copy.deepcopy(ours))
+            fp8 = (ours8, copy.deepcopy(ours8).compile_blocks() if compiled is not None else None)
         for wl in (args.big_workloads if big else args.workloads).split(","):
             if wl == "video" and not takes_packed_input(spec):
                 continue  # only the Qwen-VL towers take clips of several temporal patches
             sizes = workload(wl, cfg)
             images = images_for(sizes, cfg)
             entries = contenders(
-                key, spec, hf, ours, compiled, images, backends, wl.startswith("uniform"), args.peer_compile
-            )
+                key, spec, hf, ours, compiled, images, backends, len(set(sizes)) == 1, args.peer_compile,
+                args.graphs, per_image=wl == "stream", fp8=fp8,
+            )  # fmt: skip
             medians, round_peaks = measure_rounds(entries, args.rounds, args.calls)
             peaks += round_peaks
             base = {"model": spec.title, "workload": wl, "images": len(sizes),
@@ -403,7 +490,7 @@ def main() -> None:
             env["gemm_peak_tflops"] = round(statistics.median(peaks), 1)
             write_results(args.out, env, rows)  # after every workload: a run cut short keeps what it measured
             del images, entries
-        del hf, ours, compiled
+        del hf, ours, compiled, fp8
         gc.collect()
         torch.cuda.empty_cache()
     if args.out:
@@ -444,6 +531,7 @@ def render_markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     for r in rows:
         flag = " ⚠" if r["spread"] > 0.10 else ""
         impl = r["impl"] + (f" (padded to {r['padded_patches']} patches)" if r.get("padded_patches") else "")
+        impl += f" ({r['vs_bf16']:.2f}× bf16)" if "vs_bf16" in r else ""
         lines.append(
             f"| {r['model']} | {r['workload']} | {r['images']} | {impl} | {r['img_per_s']:.1f}{flag} | "
             f"{r['img_per_s_min']:.1f}–{r['img_per_s_max']:.1f} | {r['tflops']:.0f} | {r['gemm_fraction']:.2f} | "

@@ -204,7 +204,9 @@ class PackedVisionEncoder(nn.Module):
             seqlen = min(max_seqlen or budget, budget)
             return StaticBatch(budget, max_segments, seqlen, names, c.hidden_size, dtype, rope, self.device)
 
-        with torch.inference_mode(False):  # buffers later forwards copy into, whatever mode they run in
+        # Streams, the memory pool and the capture follow the current device: make it the model's. The buffers
+        # are made outside inference mode, so forwards in any mode can copy into them.
+        with torch.cuda.device(self.device), torch.inference_mode(False):
             self._graphs = BlockGraphs.capture(self._all_blocks, budgets, make_batch, backend)
         self._graph_params = self._block_parameter_addresses()
         return self

@@ -105,7 +105,13 @@ class BlockGraphs:
     output, or ``None`` when no budget fits the batch (run the blocks eagerly then).
     """
 
-    def __init__(self, batches: list[StaticBatch], graphs: list, outputs: list[Tensor], backend: str) -> None:
+    def __init__(
+        self,
+        batches: list[StaticBatch],
+        graphs: list[torch.cuda.CUDAGraph],
+        outputs: list[Tensor],
+        backend: str,
+    ) -> None:
         self.batches, self.graphs, self.outputs, self.backend = batches, graphs, outputs, backend
 
     @property
@@ -164,7 +170,8 @@ class BlockGraphs:
         for batch, graph, out in zip(self.batches, self.graphs, self.outputs, strict=True):
             if batch.fits(x.shape[0], ctx):
                 batch.load(x, ctx)
-                graph.replay()
+                with torch.cuda.device(out.device):  # a graph replays on the current device's stream
+                    graph.replay()
                 # The output buffer is overwritten by the next replay; the caller gets its own copy.
                 return out[: x.shape[0]].clone()
         return None
