@@ -161,9 +161,10 @@ class PackedVisionEncoder(nn.Module):
         A later inference forward (under ``torch.no_grad()`` or ``torch.inference_mode()``, in eval mode) whose
         batch fits a budget copies its tokens into that budget's buffers, pads the rest with tokens in
         segments of their own, and replays the graph: one launch for the whole block stack instead of a few
-        hundred. Outputs equal the eager forward's (padding never meets real tokens). Batches that fit no
-        budget, forwards that record gradients or keep intermediate layers (``output_layers``,
-        ``output_hidden_states``, deepstack features) run eagerly. See :mod:`packvit_native.graphs`.
+        hundred. Outputs match the eager forward's (padding never meets real tokens; GEMMs over the padded
+        shape may round differently in bf16). Batches that fit no budget, forwards that record gradients or
+        keep intermediate layers (``output_layers``, ``output_hidden_states``, deepstack features) run
+        eagerly. See :mod:`packvit_native.graphs`.
 
         Args:
             budgets: token budgets in block-sequence tokens: patches plus each frame's prefix tokens (a
