@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import packvit_native as pv
+from packvit_native.encoder import RECENT_PACKINGS
 from packvit_native.packing import Packing
 
 
@@ -93,3 +94,19 @@ def test_failed_overwrite_keeps_the_previous_checkpoint(tiny_reference, tmp_path
         model.save_pretrained(out, force=True)
     assert (out / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["saved"], "no temporary directories left behind"
+
+
+def test_recent_packings_are_reused_per_model(tiny_reference):
+    model = pv.from_pretrained(tiny_reference("dinov3", "gelu"))
+    grid = [(1, 2, 3), (1, 4, 4)]
+    first = model.pack(grid)
+    assert model.pack(torch.tensor(grid)) is first  # same sizes, however they are given
+    patches = torch.randn(22, model.config.patch_dim)
+    fresh = Packing.from_grid(grid, model.config.num_prefix)
+    torch.testing.assert_close(model(patches, grid), model(patches, packing=fresh))
+    for n in range(1, RECENT_PACKINGS + 1):  # as many other batches as are kept push the first one out
+        model.pack([(1, 1, n)])
+    assert model.pack(grid) is not first
+    assert len(model._packings) == RECENT_PACKINGS
+    other = pv.from_pretrained(tiny_reference("dinov3", "gelu"))
+    assert other.pack(grid) is not model.pack(grid)  # kept per model
