@@ -13,7 +13,8 @@ is run three ways:
   synchronisation in the forward fails it). A backend passes when the error of each output against the fp32
   reference is at most 1.1x transformers' bf16 error of that output (+1e-4: the same up to rounding noise, not
   strictly smaller), and its parameter gradients (of a fixed random projection of the outputs) are within
-  1.5x (+1e-3) of those of our bf16 "sdpa" run against our fp32 run;
+  1.5x (+1e-3) of those of our bf16 "sdpa" run against our fp32 run (worst parameter; a gradient below 1 % of
+  the median parameter's is measured against that 1 %, see ``worst_grad_error``);
 - ours with FP8 block linears (``precision="fp8"``: the bf16 model converted by
   ``packvit_native.fp8.convert_to_fp8``) with every available backend, forward only, under the same sync check.
   It passes when every output token's cosine similarity to the fp32 reference is at least 0.99; its largest
@@ -33,6 +34,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -138,6 +140,14 @@ def compare(x, ref):
     return float((x - ref).abs().mean() / ref.abs().mean())
 
 
+def worst_grad_error(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """The largest per-parameter gradient error, each relative to that parameter's gradient, or to 1 % of the
+    median parameter's if smaller: a near-zero gradient (a pooling head's query under a saturated softmax)
+    has a relative error that is only rounding noise, and two noise figures cannot be compared."""
+    scale = 0.01 * statistics.median(float(g.abs().mean()) for g in ref.values())
+    return max(float((grads[n] - ref[n]).abs().mean()) / max(float(ref[n].abs().mean()), scale) for n in ref)
+
+
 def token_errors(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """Per output: the lowest cosine similarity of a row to its reference row, and the largest abs error."""
     cos = {k: float(torch.nn.functional.cosine_similarity(out[k], ref[k], dim=-1).min()) for k in ref}
@@ -168,7 +178,7 @@ def check(key: str) -> int:
     assert ours32.keys() == ref.keys(), (sorted(ours32), sorted(ref))
     fp32_err = max(compare(ours32[k], ref[k]) for k in ref)
     _, sdpa16_grads = run(model16, patches.bfloat16(), grid, "sdpa", probe, sync_check=True)
-    grad_floor = max(compare(sdpa16_grads[n], grads32[n]) for n in grads32)
+    grad_floor = worst_grad_error(sdpa16_grads, grads32)
     failures = fp32_err > 1e-4
     fp8_missing = fp8_unavailable_reason("cuda")
     if fp8_missing is None:
@@ -179,7 +189,7 @@ def check(key: str) -> int:
     for backend in available_backends("cuda"):
         out, grads = run(model16, patches.bfloat16(), grid, backend, probe, sync_check=True)
         err_out = {k: compare(out[k], ref[k]) for k in ref}
-        err_grad = max(compare(grads[n], grads32[n]) for n in grads32)
+        err_grad = worst_grad_error(grads, grads32)
         ok = all(err_out[k] <= 1.1 * hf_floor[k] + 1e-4 for k in ref)
         ok = ok and err_grad <= 1.5 * grad_floor + 1e-3 and fp32_err <= 1e-4
         bf16_cos, bf16_max = token_errors(out, ref)
