@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench import call_seconds
 from packvit_native import fused
 from packvit_native.attention import resolve_backend
 from packvit_native.layers import Block, BlockContext
@@ -88,12 +89,7 @@ def seconds(run: Callable[[], None], device: torch.device) -> float:
         start = time.perf_counter()
         run()
         return time.perf_counter() - start
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    run()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / 1e3
+    return call_seconds(run)
 
 
 def applies(variant: str, key: str, pass_name: str) -> bool:

@@ -52,19 +52,32 @@ def pil_decode(data: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def decoder(resample: str | None = None, workers: int = 2) -> GpuDecoder:
+def decoder(
+    resample: str | None = None, workers: int = 2, rule: dict | None = None, dtype: str = "float32",
+    decode_jpegs=pil_decode,
+) -> GpuDecoder:  # fmt: skip
     args = argparse.Namespace(
-        resample=resample, max_decoded_pixels=MAX_DECODED_PIXELS, workers=workers, dtype="float32"
+        resample=resample, max_decoded_pixels=MAX_DECODED_PIXELS, workers=workers, dtype=dtype
     )
+    rule = rule or RULE
     return GpuDecoder(
-        CONFIG, args, RULE, torch.device("cpu"), read=lambda data: data,
-        fallback=lambda data: preprocess_bytes(data, CONFIG, args, RULE), decode_jpegs=pil_decode,
+        CONFIG, args, rule, torch.device("cpu"), read=lambda data: data,
+        fallback=lambda data: preprocess_bytes(data, CONFIG, args, rule), decode_jpegs=decode_jpegs,
     )  # fmt: skip
 
 
-def cpu_path(data: bytes, resample: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_one(loads: GpuDecoder, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return loads.submit(data).result()
+    finally:
+        loads.close()
+
+
+def cpu_path(
+    data: bytes, resample: str | None = None, rule: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     args = argparse.Namespace(resample=resample, max_decoded_pixels=MAX_DECODED_PIXELS)
-    return preprocess_bytes(data, CONFIG, args, RULE)
+    return preprocess_bytes(data, CONFIG, args, rule or RULE)
 
 
 def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -170,18 +183,8 @@ def test_one_axis_resize_matches_pil_nearly_bit_for_bit(resample, shape, size):
     percent of the values equal PIL's, the rest one level off."""
     data = jpeg(photo_like(np.random.default_rng(4), *shape))
     rule = {**RULE, "size": size}
-    args = argparse.Namespace(
-        resample=resample, max_decoded_pixels=MAX_DECODED_PIXELS, workers=1, dtype="float32"
-    )
-    fallback = lambda data: preprocess_bytes(data, CONFIG, args, rule)  # noqa: E731
-    loads = GpuDecoder(
-        CONFIG, args, rule, torch.device("cpu"), lambda d: d, fallback, decode_jpegs=pil_decode
-    )
-    try:
-        patches, grid = loads.submit(data).result()
-    finally:
-        loads.close()
-    want_patches, want_grid = fallback(data)
+    patches, grid = decode_one(decoder(resample, workers=1, rule=rule), data)
+    want_patches, want_grid = cpu_path(data, resample, rule)
     assert torch.equal(grid, want_grid)
     diff = levels(patches, want_patches)
     assert diff.max() <= 1.01 and diff.mean() < 0.005, (float(diff.max()), float(diff.mean()))
@@ -189,16 +192,7 @@ def test_one_axis_resize_matches_pil_nearly_bit_for_bit(resample, shape, size):
 
 def test_patches_come_in_the_model_dtype_with_the_cast_of_the_forward():
     data = jpeg(photo_like(np.random.default_rng(6), 160, 224))  # not resized
-    args = argparse.Namespace(
-        resample=None, max_decoded_pixels=MAX_DECODED_PIXELS, workers=1, dtype="bfloat16"
-    )
-    loads = GpuDecoder(
-        CONFIG, args, RULE, torch.device("cpu"), lambda d: d, cpu_path, decode_jpegs=pil_decode
-    )
-    try:
-        patches, _ = loads.submit(data).result()
-    finally:
-        loads.close()
+    patches, _ = decode_one(decoder(workers=1, dtype="bfloat16"), data)
     assert patches.dtype == torch.bfloat16 and torch.equal(patches, cpu_path(data)[0].to(torch.bfloat16))
 
 
@@ -206,18 +200,9 @@ def test_unforeseen_device_failure_falls_back_to_the_cpu_path():
     def broken(data):
         raise torch.cuda.OutOfMemoryError("pretend") if len(data) > 1 else ZeroDivisionError("pretend")
 
-    args = argparse.Namespace(
-        resample=None, max_decoded_pixels=MAX_DECODED_PIXELS, workers=1, dtype="float32"
-    )
-    loads = GpuDecoder(
-        CONFIG, args, RULE, torch.device("cpu"), read=lambda data: data,
-        fallback=lambda data: preprocess_bytes(data, CONFIG, args, RULE), decode_jpegs=broken,
-    )  # fmt: skip
+    loads = decoder(workers=1, decode_jpegs=broken)
     data = jpeg(photo_like(np.random.default_rng(2), 100, 120))
-    try:
-        got = loads.submit(data).result()
-    finally:
-        loads.close()
+    got = decode_one(loads, data)
     torch.testing.assert_close(got, cpu_path(data), rtol=0, atol=0)
     assert "the GPU path failed 1 time(s), first: ZeroDivisionError: pretend" in loads.summary()
 
