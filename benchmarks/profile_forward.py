@@ -1,9 +1,13 @@
 """Where the time goes: a torch.profiler trace of one packed forward, summarised by kernel class.
 
     python benchmarks/profile_forward.py --model dinov3_vitl16 --workload mixed --backend fa4 [--compile]
+    python benchmarks/profile_forward.py --model dinov3_vitl16 --workload batch8 --backend fa4 --compile \
+        --graphs --peer
 
-Prints the share of GPU time spent in GEMMs, attention, norms and the remaining elementwise kernels, plus the
-top kernels, so a missed throughput target can be traced to what holds it back.
+Prints the share of GPU time spent in GEMMs, attention, norms and the remaining elementwise kernels, the
+number of kernels, and the top kernels, so a missed throughput target can be traced to what holds it back.
+``--graphs`` replays our blocks from CUDA graphs (as ``bench.py --graphs``); ``--peer`` profiles
+transformers' model on the same images the same way (compiled with ``--compile``), for a side-by-side account.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import MODELS, build_pair, images_for, timed, workload
+from bench import MODELS, build_pair, hf_runner, images_for, timed, with_graphs, workload
 
 # Checked in order: cuBLAS's Hopper GEMMs are named nvjet_sm90_*, so "sm90" alone must not mean attention.
 CLASSES = (
@@ -44,18 +48,37 @@ def main() -> None:
     parser.add_argument(
         "--host", action="store_true", help="also time single calls and profile the host side"
     )
+    parser.add_argument(
+        "--graphs", action="store_true", help="replay our blocks from CUDA graphs captured for the workload"
+    )
+    parser.add_argument(
+        "--peer", action="store_true", help="also profile transformers' model (compiled with --compile)"
+    )
     args = parser.parse_args()
-    hf, model = build_pair(MODELS[args.model])
-    del hf
+    spec = MODELS[args.model]
+    hf, model = build_pair(spec)
     if args.compile:
         model.compile_blocks()
     images = images_for(workload(args.workload, model.config), model.config)
     patches, grid = model.patchify(images)
     grid = grid.cpu()
+    if args.graphs:
+        model = with_graphs(model, [[tuple(g) for g in grid.tolist()]], args.backend)
 
     def run():
         return model(patches, grid, attn_backend=args.backend)
 
+    what = f"compile={args.compile}" + (", CUDA graphs" if args.graphs else "")
+    account(run, f"{spec.title}, {args.workload}, ours, backend {args.backend}, {what}")
+    if args.peer:
+        peer = torch.compile(hf, dynamic=False) if args.compile else hf
+        account(hf_runner(spec, peer, images, model)[0], f"transformers, compile={args.compile}")
+    if args.host:
+        host_profile(run)
+
+
+def account(run, title: str) -> None:
+    """Profile one call of ``run`` (after timing it) and print its GPU time by kernel class."""
     with torch.inference_mode():
         seconds = timed(run)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -66,8 +89,9 @@ def main() -> None:
     for e in kernels:
         totals[classify(e.key)] = totals.get(classify(e.key), 0.0) + e.self_device_time_total
     all_us = sum(totals.values())
-    print(f"{MODELS[args.model].title}, {args.workload}, backend {args.backend}, compile={args.compile}: "
-          f"{seconds * 1e3:.1f} ms per forward (wall), {all_us / 1e3:.1f} ms of kernels")  # fmt: skip
+    launches = sum(e.count for e in kernels)
+    print(f"{title}: {seconds * 1e3:.2f} ms per call (wall), {all_us / 1e3:.2f} ms of kernels in {launches} "
+          "kernels")  # fmt: skip
     for cls, us in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {cls:>18}: {us / 1e3:7.2f} ms  {us / all_us:6.1%}")
     print("  top kernels:")
@@ -75,8 +99,6 @@ def main() -> None:
         print(
             f"    {e.self_device_time_total / 1e3:7.2f} ms  x{e.count:<4} {classify(e.key):>18}  {e.key[:90]}"
         )
-    if args.host:
-        host_profile(run)
 
 
 def host_profile(run) -> None:

@@ -527,21 +527,71 @@ def token_outputs(
     result: Tensor | tuple[Tensor, ...], packing: Any, args: argparse.Namespace
 ) -> dict[str, tuple[Tensor, Tensor | None]]:
     """A forward's token tensors by stored name: ``{name: (patch tokens [N, D], prefix tokens [B, k, D] or
-    None)}`` on the CPU, for the layers and ``--prefix`` of ``args``."""
+    None)}`` on the model's device, for the layers and ``--prefix`` of ``args``."""
     result = result if isinstance(result, tuple) else (result,)
     outputs = {}
     for key, tokens in zip(feature_keys(args.layers), result, strict=True):
         if args.prefix:
-            outputs[key] = (packing.patch_tokens(tokens).cpu(), packing.prefix_tokens(tokens).cpu())
+            outputs[key] = (packing.patch_tokens(tokens), packing.prefix_tokens(tokens))
         else:
-            outputs[key] = (tokens.cpu(), None)
+            outputs[key] = (tokens, None)
     return outputs
 
 
-def run_model(
+def _map_tensors(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map_tensors(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_map_tensors(fn, v) for v in tree)
+    return tree
+
+
+class Queued:
+    """One batch's work queued on the device: started when made, finished by :meth:`outputs`, which queues the
+    copy of its outputs to the host; :meth:`wait` returns them on the CPU with the seconds the batch spent in
+    the model.
+
+    On a CUDA device nothing waits until :meth:`wait`, so a loop that queues batch ``i + 1`` before waiting for
+    batch ``i`` keeps the GPU busy while the host reads results, writes files and gathers the next batch; the
+    model's time is then read from CUDA events around the batch's own work (input copy, forward, outputs).
+    On the CPU every step runs when called and the time is the wall-clock time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.result: Any = None
+        if device.type == "cuda":
+            self.stream = torch.cuda.current_stream(device)
+            self.start = self.stream.record_event(torch.cuda.Event(enable_timing=True))
+        else:
+            self.started = time.perf_counter()
+
+    def outputs(self, result: Any) -> Queued:
+        """Copy ``result`` (tensors, possibly in dicts and tuples) to the host; returns ``self``."""
+        if self.device.type == "cuda":
+            # into pinned memory, so the copy waits for nothing on the host
+            self.result = _map_tensors(lambda t: t.to("cpu", non_blocking=True), result)
+            self.end = self.stream.record_event(torch.cuda.Event(enable_timing=True))
+        else:
+            self.result = _map_tensors(Tensor.cpu, result)
+            self.seconds = time.perf_counter() - self.started
+        return self
+
+    def wait(self) -> tuple[Any, float]:
+        """``(outputs on the CPU, seconds in the model)``, once the device has produced them."""
+        if self.device.type == "cuda":
+            self.end.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1000
+        return self.result, self.seconds
+
+
+def queue_model(
     model: Any, batch: list[tuple[Item, Tensor, Tensor]], args: argparse.Namespace, device: torch.device
-) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor | None]]]:
-    """Encode one batch; ``(grid_thw, {tensor name: (patch tokens, prefix tokens or None)})`` on the CPU."""
+) -> tuple[Tensor, Queued]:
+    """Queue one batch's forward; ``(grid_thw, queued)``, whose outputs are ``{tensor name: (patch tokens,
+    prefix tokens or None)}``."""
+    queued = Queued(device)
     grids = torch.cat([g for _, _, g in batch])
     packing = model.pack(grids)
     # with --decode gpu, JPEGs come on the device and other images on the CPU
@@ -549,7 +599,7 @@ def run_model(
     layers = tuple(args.layers) if args.layers else None
     with torch.inference_mode():
         result = model(patches, packing=packing, output_layers=layers, return_prefix=args.prefix)
-    return grids, token_outputs(result, packing, args)
+        return grids, queued.outputs(token_outputs(result, packing, args))
 
 
 def throughput(images: int, wall_s: float, model_s: float) -> str:
@@ -779,15 +829,23 @@ def _encode_items(
     encoded = patch_tokens = 0
     model_s = 0.0
     num_prefix = model.config.num_prefix
+    in_flight: list[tuple[list[tuple[Item, Tensor, Tensor]], Tensor, Queued]] = []  # at most one batch
 
-    def flush(batch: list[tuple[Item, Tensor, Tensor]]) -> None:
+    def fail(batch: list[tuple[Item, Tensor, Tensor]], e: BaseException) -> Fatal:
+        # e.g. a size the model refuses, or out of memory
+        return Fatal(f"encoding {len(batch)} images from {batch[0][0].path} failed: {e}; {KEPT}")
+
+    def settle() -> None:
+        """Wait for the batch in flight and write its outputs."""
         nonlocal encoded, patch_tokens, model_s
-        started = time.perf_counter()
+        if not in_flight:
+            return
+        batch, grids, queued = in_flight.pop()
         try:
-            grids, outputs = run_model(model, batch, args, device)
-        except (ValueError, RuntimeError) as e:  # e.g. a size the model refuses, or out of memory
-            raise Fatal(f"encoding {len(batch)} images from {batch[0][0].path} failed: {e}; {KEPT}") from None
-        model_s += time.perf_counter() - started  # the outputs are on the CPU: the forward has finished
+            outputs, seconds = queued.wait()
+        except RuntimeError as e:
+            raise fail(batch, e) from None
+        model_s += seconds
         if not encoded:
             # Recorded with the first features, so a run that fails before writing any leaves no manifest
             # behind and can be rerun with other settings.
@@ -799,6 +857,16 @@ def _encode_items(
         encoded += len(batch)
         patch_tokens += int(grids.prod(1).sum())
         bar.update(len(batch))
+
+    def flush(batch: list[tuple[Item, Tensor, Tensor]]) -> None:
+        """Queue this batch, then write the one before it while the device works on this one."""
+        try:
+            grids, queued = queue_model(model, batch, args, device)
+        except (ValueError, RuntimeError) as e:
+            settle()
+            raise fail(batch, e) from None
+        settle()
+        in_flight.append((batch, grids, queued))
 
     bar = tqdm(total=len(todo), unit="img", desc="encode", disable=None)  # shown on a terminal only
     with contextlib.closing(loads), contextlib.closing(prefetch(todo, loads)) as stream, bar:
@@ -821,6 +889,7 @@ def _encode_items(
             batch_tokens += n
         if batch:
             flush(batch)
+        settle()
     return encoded, patch_tokens, failed, model_s
 
 

@@ -68,6 +68,7 @@ from .cli import (
     MANIFEST_VERSION,
     Fatal,
     Loads,
+    Queued,
     build_manifest,
     check_device,
     check_manifest,
@@ -407,7 +408,7 @@ def embedding_source(config: Any) -> str:
 
 
 def image_embeddings(out: Any, config: Any, grids: Tensor) -> dict[str, Tensor]:
-    """One row per image, float32 on the CPU: ``{"embedding": [B, D]}`` and, for models with a projection
+    """One row per image, float32 on the model's device: ``{"embedding": [B, D]}`` and, for models with a projection
     (CLIP's ``visual_projection``), ``"image_embeds": [B, P]``.
 
     ``embedding`` is, by model (:func:`embedding_source`):
@@ -432,9 +433,9 @@ def image_embeddings(out: Any, config: Any, grids: Tensor) -> dict[str, Tensor]:
         )
         counts = grids.prod(1).tolist()
         embedding = torch.stack([part.float().mean(0) for part in patches.split(counts)])
-    rows = {"embedding": embedding.float().cpu()}
+    rows = {"embedding": embedding.float()}
     if out.image_embeds is not None:
-        rows["image_embeds"] = out.image_embeds.float().cpu()
+        rows["image_embeds"] = out.image_embeds.float()
     return rows
 
 
@@ -450,9 +451,10 @@ class Encoded:
     preview: np.ndarray | None = None
 
 
-def _forward(
+def _queue(
     model: Any, batch: list[tuple[Tensor, Tensor]], args: argparse.Namespace, device: torch.device
-) -> list[Encoded]:
+) -> tuple[Tensor, Queued]:
+    queued = Queued(device)
     grids = torch.cat([g for _, g in batch])
     packing = model.pack(grids)
     patches = torch.cat([p.to(device, non_blocking=True) for p, _ in batch])
@@ -461,10 +463,15 @@ def _forward(
         out = model(
             patches, packing=packing, output_layers=layers, return_prefix=args.prefix, return_dict=True
         )
-        rows = image_embeddings(out, model.config, grids)
-        tokens = None
+        outputs: dict[str, Any] = {"rows": image_embeddings(out, model.config, grids)}
         if args.tokens or args.preview:
-            tokens = token_outputs(out.layers if layers else out.last_hidden_state, packing, args)
+            outputs["tokens"] = token_outputs(out.layers if layers else out.last_hidden_state, packing, args)
+        return grids, queued.outputs(outputs)
+
+
+def _split(grids: Tensor, outputs: dict[str, Any], model: Any, args: argparse.Namespace) -> list[Encoded]:
+    """A batch's outputs, on the CPU, per image."""
+    rows, tokens = outputs["rows"], outputs.get("tokens")
     encoded, start = [], 0
     for b, grid in enumerate(grids.tolist()):
         n = grid[0] * grid[1] * grid[2]
@@ -475,7 +482,7 @@ def _forward(
                 k: (p[start : start + n].clone(), None if q is None else q[b].clone())
                 for k, (p, q) in tokens.items()
             }
-        item = Encoded(grid, {k: v[b].numpy() for k, v in rows.items()}, mine if args.tokens else None)
+        item = Encoded(grid, {k: v[b].numpy().copy() for k, v in rows.items()}, mine if args.tokens else None)
         if args.preview:
             from .preview import pca_rgb
 
@@ -485,17 +492,41 @@ def _forward(
     return encoded
 
 
+def encode_later(
+    model: Any, batch: list[tuple[Tensor, Tensor]], args: argparse.Namespace, device: torch.device
+) -> Callable[[], tuple[list[Encoded | str], float]]:
+    """Queue one token-budget batch on the device (see :class:`~packvit_native.cli.Queued`); the returned
+    function waits for it and gives, per image, its :class:`Encoded` or why it failed, with the seconds spent in
+    the model. A batch whose forward fails (a size the model refuses, out of memory) is retried image by image
+    when its results are asked for, so one bad image fails alone."""
+    try:
+        grids, queued = _queue(model, batch, args, device)
+    except (ValueError, RuntimeError) as e:
+        error: Exception | None = e
+    else:
+        error = None
+
+    def results() -> tuple[list[Encoded | str], float]:
+        nonlocal error
+        if error is None:
+            try:
+                outputs, seconds = queued.wait()
+                return list(_split(grids, outputs, model, args)), seconds
+            except (ValueError, RuntimeError) as e:
+                error = e
+        if len(batch) == 1:
+            return [f"encoding failed: {type(error).__name__}: {error}"], 0.0
+        ones = [encode_later(model, [one], args, device)() for one in batch]
+        return [one[0][0] for one in ones], sum(one[1] for one in ones)
+
+    return results
+
+
 def encode_images(
     model: Any, batch: list[tuple[Tensor, Tensor]], args: argparse.Namespace, device: torch.device
 ) -> list[Encoded | str]:
-    """Encode one token-budget batch; per image its :class:`Encoded`, or why it failed. A batch whose forward
-    fails (a size the model refuses, out of memory) is retried image by image, so one bad image fails alone."""
-    try:
-        return list(_forward(model, batch, args, device))
-    except (ValueError, RuntimeError) as e:
-        if len(batch) == 1:
-            return [f"encoding failed: {type(e).__name__}: {e}"]
-    return [encode_images(model, [one], args, device)[0] for one in batch]
+    """Encode one token-budget batch and wait for it: :func:`encode_later`'s results, without the time."""
+    return encode_later(model, batch, args, device)()[0]
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -802,17 +833,30 @@ def _encode_local(
         loads = Loads(load, args.workers)
 
     batch: list[tuple[Sample, Tensor, Tensor]] = []
+    # The batch queued on the device and not yet collected, and the shards that ended behind it: a shard is
+    # written once its last batch is collected, and that waits until the next batch is queued.
+    in_flight: list[tuple[ShardResult, list[Sample], Callable[[], tuple[list[Encoded | str], float]]]] = []
+    ended: list[ShardResult] = []
+
+    def settle() -> None:
+        if in_flight:
+            result, samples, results = in_flight.pop()
+            encoded, seconds = results()
+            stats.model_s += seconds
+            for sample, item in zip(samples, encoded, strict=True):
+                if isinstance(item, str):
+                    result.fail(sample, item, say)
+                else:
+                    result.images.append((sample.index, sample.key, item, sample.meta))
+            bar.update(len(samples))
+        for result in ended:
+            finish_shard(result, plan, args, writes, stats, first)
+        ended.clear()
 
     def flush(result: ShardResult) -> None:
-        started = time.perf_counter()
-        encoded = encode_images(model, [(p, g) for _, p, g in batch], args, device)
-        stats.model_s += time.perf_counter() - started
-        for (sample, _, _), item in zip(batch, encoded, strict=True):
-            if isinstance(item, str):
-                result.fail(sample, item, say)
-            else:
-                result.images.append((sample.index, sample.key, item, sample.meta))
-        bar.update(len(batch))
+        results = encode_later(model, [(p, g) for _, p, g in batch], args, device)
+        settle()
+        in_flight.append((result, [sample for sample, _, _ in batch], results))
         batch.clear()
 
     writes = Writes()
@@ -825,7 +869,9 @@ def _encode_local(
                     if batch:
                         flush(result)
                     tokens = 0
-                    finish_shard(result, plan, args, writes, stats, first)
+                    ended.append(result)
+                    if not in_flight:
+                        settle()
                     continue
                 if sample.error is not None:
                     result.fail(sample, sample.error, say)
@@ -842,6 +888,7 @@ def _encode_local(
                     tokens = 0
                 batch.append((sample, patches, grid))
                 tokens += n
+            settle()
     finally:
         writes.close()
     if isinstance(loads, GpuDecoder):

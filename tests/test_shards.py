@@ -1,6 +1,7 @@
 """``packvit encode`` over webdataset and parquet shards with the local engine: features equal to the
 single-image path, corrupt samples listed, ``--num-shards`` splits, a run killed with SIGKILL resumes."""
 
+import argparse
 import json
 import signal
 import subprocess
@@ -348,3 +349,20 @@ def test_folder_inputs_and_num_shards(model_dir, tmp_path, capsys):
         )
     written = sorted(p.relative_to(out).with_suffix("").as_posix() for p in out.rglob("*.safetensors"))
     assert written == sorted(folder)
+
+
+def test_a_failing_batch_is_retried_image_by_image(model_dir):
+    """One image whose patches do not match its grid fails alone; the others of its batch are encoded as on
+    their own."""
+    model = pv.from_pretrained(model_dir)
+    args = argparse.Namespace(layers=None, prefix=False, tokens=False, preview=False)
+    good = [model.patchify([torch.rand(3, 16 * h, 16 * w)]) for h, w in ((2, 3), (1, 1))]
+    bad = (torch.rand(5, good[0][0].shape[1]), torch.tensor([[1, 2, 2]]))
+    results = shards.encode_later(model, [good[0], bad, good[1]], args, torch.device("cpu"))
+    encoded, seconds = results()
+    assert isinstance(encoded[1], str) and encoded[1].startswith("encoding failed: ValueError")
+    assert seconds > 0
+    for item, one in zip((encoded[0], encoded[2]), good, strict=True):
+        alone = shards.encode_images(model, [one], args, torch.device("cpu"))[0]
+        assert item.grid == alone.grid
+        np.testing.assert_array_equal(item.rows["embedding"], alone.rows["embedding"])
