@@ -52,7 +52,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 from . import atomic
 from .gpu_decode import GpuDecoder, nvjpeg_decoder
 from .loading import DTYPES
-from .preprocess import MAX_DECODED_PIXELS
+from .preprocess import MAX_DECODED_PIXELS, LoadingThreads
 
 __all__ = ["IMAGE_SUFFIXES", "find_images", "main"]
 
@@ -491,7 +491,7 @@ class Loads:
     """``load(item)`` on ``workers`` threads, for :func:`prefetch`."""
 
     def __init__(self, load: Callable[[Any], Any], workers: int) -> None:
-        self.load, self.pool = load, ThreadPoolExecutor(workers)
+        self.load, self.pool = load, LoadingThreads(workers)
         self.window = 2 * workers
 
     def submit(self, item: Any) -> Future:

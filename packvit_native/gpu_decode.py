@@ -38,7 +38,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ from torch import Tensor
 
 from .loading import DTYPES
 from .patchify import patchify
-from .preprocess import target_size
+from .preprocess import LoadingThreads, target_size
 
 __all__ = ["GROUP_IMAGES", "GROUP_PIXELS", "GpuDecoder", "gpu_route", "nvjpeg_decoder", "orient"]
 
@@ -219,7 +219,7 @@ class GpuDecoder:
         self.stream = torch.cuda.Stream(device, priority=-1) if cuda else None
         self.consumer = torch.cuda.current_stream(device) if cuda else None
         self.window = max(2 * args.workers, 2 * GROUP_IMAGES)  # enough ahead to fill groups
-        self.pool = ThreadPoolExecutor(args.workers)
+        self.pool = LoadingThreads(args.workers)
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.closed = False
         self.lock = threading.Lock()

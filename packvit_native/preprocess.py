@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -53,6 +54,7 @@ from .patchify import patchify
 __all__ = [
     "MAX_DECODED_PIXELS",
     "ImageLike",
+    "LoadingThreads",
     "decode",
     "default_resize",
     "load_image",
@@ -337,3 +339,26 @@ def preprocess(
         frames, config.patch_size, layout=config.patch_layout, merge_size=config.merge_size,
         temporal_patch_size=config.temporal_patch_size,
     )  # fmt: skip
+
+
+class LoadingThreads(ThreadPoolExecutor):
+    """Threads that read and preprocess images beside the forward, each running PyTorch's CPU operators on one
+    thread of its own.
+
+    PyTorch gives every thread that calls a parallel CPU operator its own team of intra-op threads, one per
+    core, so ``workers`` loading threads would keep ``workers`` x cores threads busy, and the thread that
+    launches the forward's kernels would wait for a core while the GPU idles. One image's work is small; the
+    threads themselves are the parallelism.
+
+    ``torch.set_num_threads(1)`` in the pool's threads also lowers the count PyTorch gives threads on their
+    first parallel operator, so the creating thread's own count is settled first, and the process's count is
+    put back on :meth:`shutdown`.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.caller_threads = torch.get_num_threads()
+        super().__init__(workers, initializer=torch.set_num_threads, initargs=(1,))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
+        torch.set_num_threads(self.caller_threads)

@@ -1,5 +1,8 @@
 """pv.preprocess against transformers' own image processors (PIL backends), plus its other input kinds."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +183,24 @@ def test_float_pixels_must_be_in_unit_range_and_uint8_is_read_as_0_255():
     a, _ = pv.preprocess(pixels, config, size=(32, 48))
     b, _ = pv.preprocess(pixels.double() / 255, config, size=(32, 48))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_loading_threads_run_torch_single_threaded_and_leave_the_process_count_alone():
+    """Each loading thread runs PyTorch's CPU operators on one thread; the creating thread keeps its count, and
+    threads started after the pool is shut down get the process's count again. In a fresh process, so the
+    thread counts start known."""
+    code = """
+import threading, torch
+from packvit_native.preprocess import LoadingThreads
+torch.set_num_threads(3)
+pool = LoadingThreads(2)
+inside = list(pool.map(lambda _: (torch.get_num_threads(), torch.ones(10**6).sum().item()), range(4)))
+during = torch.get_num_threads()
+pool.shutdown()
+later = []
+thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+thread.start(); thread.join()
+print([n for n, _ in inside], during, later)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[0] == "[1, 1, 1, 1] 3 [3]"
