@@ -604,7 +604,7 @@ def queue_model(
 
 def throughput(images: int, wall_s: float, model_s: float) -> str:
     """The run summary's speeds: the whole pipeline (reading, decoding, encoding, writing) and the model alone
-    (time inside the forward, host-device copies included)."""
+    (each batch's own time on the device, input and output copies included: see :class:`Queued`)."""
     whole = f"{images / wall_s:.1f} img/s end to end" if wall_s > 0 else "end to end not measured"
     alone = f"{images / model_s:.1f} img/s in the model alone" if model_s > 0 else "model time not measured"
     return f"{whole}, {alone}"
