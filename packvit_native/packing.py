@@ -24,14 +24,15 @@ Outputs are read from the *sequence*: frame by frame, each frame's prefix tokens
 order. Without windows the block sequence is the sequence and :meth:`Packing.to_sequence` does nothing.
 
 All of it is built once per forward, before the layer loop, from host-side integers: ``cu_seqlens`` is int32,
-``max_seqlen`` a Python int, and the index tensors are made on the CPU and copied to the device without
-waiting, so a forward whose ``grid_thw`` lives on the CPU makes no host-device synchronisation. Blocks then
-reuse the same metadata instead of recomputing it (or reading ``max_seqlen`` back from the GPU) per layer.
+``max_seqlen`` a Python int; the per-frame integers are copied to the device without waiting and the
+per-patch index tensors computed there from them (sizes known on the host), so a forward whose ``grid_thw``
+lives on the CPU makes no host-device synchronisation. Blocks then reuse the same metadata instead of
+recomputing it (or reading ``max_seqlen`` back from the GPU) per layer.
 """
 
 from __future__ import annotations
 
-import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -173,21 +174,37 @@ def check_merge_size(grid: tuple[tuple[int, int, int], ...], merge_size: int) ->
             )
 
 
-@functools.lru_cache(maxsize=256)
-def _frame_coords(h: int, w: int, merge_size: int) -> Tensor:
-    """``[h*w, 4]`` int32 (row, col, h, w) of a frame's patches in token order (row-major or merge order).
+def _patch_indices(frames: Tensor, num_patches: int, merge_size: int) -> dict[str, Tensor]:
+    """Per-patch indices of a batch from its per-frame integers, computed where ``frames`` lives.
 
-    Cached per frame size: a batch of mixed sizes repeats a few sizes, and building from cached tables is much
-    cheaper on the host than dividing every token's index.
+    ``frames`` is int64 ``[4, S]``: each frame's rows ``h``, columns ``w``, first patch in the batch, and first
+    row in the concatenated per-size position tables. A handful of vectorised operations on the device replace
+    per-frame work on the host, whose cost grows with the number of images and, in a process with busy threads
+    (an encoding pipeline), with every operation's wait for the interpreter lock. Returns ``coords`` ``[N, 4]``
+    int32 (row, column, h, w in token order: row-major, or merge order for ``merge_size > 1``), ``segment``
+    ``[N]`` (frame of each patch) and ``size_table_rows`` ``[N]``.
     """
+    h, w, first, table = frames.unbind(0)
+    segment = torch.repeat_interleave(
+        torch.arange(frames.shape[1], device=frames.device), h * w, output_size=num_patches
+    )
+    local = torch.arange(num_patches, device=frames.device) - first[segment]
+    hs, ws = h[segment], w[segment]
     m = merge_size
-    rows = torch.arange(h, dtype=torch.int32)[:, None].expand(h, w)
-    cols = torch.arange(w, dtype=torch.int32)[None, :].expand(h, w)
-    # [h/m, m, w/m, m] -> [h/m, w/m, m, m]: merge blocks row-major, each block's patches row-major
-    order = (0, 2, 1, 3)
-    rows = rows.reshape(h // m, m, w // m, m).permute(order).flatten()
-    cols = cols.reshape(h // m, m, w // m, m).permute(order).flatten()
-    return torch.stack([rows, cols, torch.full_like(rows, h), torch.full_like(rows, w)], dim=1)
+    if m == 1:
+        row = torch.div(local, ws, rounding_mode="floor")
+        col = local - row * ws
+    else:  # merge blocks row-major, each block's m x m patches row-major
+        block, within = local.div(m * m, rounding_mode="floor"), local.remainder(m * m)
+        block_cols = ws.div(m, rounding_mode="floor")
+        block_row = block.div(block_cols, rounding_mode="floor")
+        row = block_row * m + within.div(m, rounding_mode="floor")
+        col = (block - block_row * block_cols) * m + within.remainder(m)
+    return {
+        "coords": torch.stack([row, col, hs, ws], dim=1).to(torch.int32),
+        "segment": segment,
+        "size_table_rows": table[segment] + row * ws + col,
+    }
 
 
 def _window_order(
@@ -212,21 +229,6 @@ def _window_order(
     lengths = torch.bincount(key, minlength=int(windows.sum())) * (m * m)
     token_order = (block_order[:, None] * (m * m) + torch.arange(m * m)).flatten()  # [N]
     return token_order, tuple(lengths.tolist())
-
-
-def _size_table_rows(
-    frame_sizes: tuple[tuple[int, int], ...], distinct: tuple[tuple[int, int], ...], merge_size: int
-) -> Tensor:
-    """``[N]`` row of each patch (in token order) in the concatenation of per-distinct-size row-major tables."""
-    offsets, start = {}, 0
-    for h, w in distinct:
-        offsets[(h, w)] = start
-        start += h * w
-    rows = []
-    for h, w in frame_sizes:
-        coords = _frame_coords(h, w, merge_size)
-        rows.append(offsets[(h, w)] + coords[:, 0].long() * w + coords[:, 1].long())
-    return torch.cat(rows)
 
 
 @dataclass(frozen=True, eq=False)
@@ -302,30 +304,36 @@ class Packing:
             raise ValueError("attention windows and prefix tokens cannot be combined")
         frame_sizes = tuple((h, w) for t, h, w in grid for _ in range(t))
         patch_lengths = tuple(h * w for h, w in frame_sizes)
-        num_segments = len(frame_sizes)
 
-        lengths = torch.tensor(patch_lengths, dtype=torch.int64)  # [S]
-        seg_of_patch = torch.repeat_interleave(torch.arange(num_segments), lengths)  # [N]
-        seg_start = torch.cumsum(lengths, 0) - lengths  # [S]
         distinct = tuple(dict.fromkeys(frame_sizes))
+        table_start = dict(
+            zip(distinct, itertools.accumulate([h * w for h, w in distinct][:-1], initial=0), strict=True)
+        )
+        patch_start = tuple(itertools.accumulate(patch_lengths[:-1], initial=0))
+        per_frame = [[h for h, _ in frame_sizes], [w for _, w in frame_sizes], list(patch_start)]
+        per_frame.append([table_start[size] for size in frame_sizes])
         host = {
-            "coords": torch.cat([_frame_coords(h, w, merge_size) for h, w in frame_sizes]),  # [N, 4]
-            "segment": seg_of_patch,
-            "size_table_rows": _size_table_rows(frame_sizes, distinct, merge_size),
+            "per_frame": torch.tensor(per_frame, dtype=torch.int64),  # [4, S]
             "frames": Segments.host_boundaries(tuple(n + num_prefix for n in patch_lengths)),
             "frame_patches": Segments.host_boundaries(patch_lengths),
         }
-        if num_prefix:
-            host["patch_rows"] = torch.arange(int(lengths.sum())) + (seg_of_patch + 1) * num_prefix
-            seg_token_start = seg_start + torch.arange(num_segments) * num_prefix  # [S]
-            host["prefix_rows"] = (seg_token_start[:, None] + torch.arange(num_prefix)).flatten()
         window_lengths = ()
         if window_size:
             order, window_lengths = _window_order(frame_sizes, merge_size, window_size)
             host["block_order"] = order
             host["block_rows"] = torch.empty_like(order).scatter_(0, order, torch.arange(len(order)))
             host["windows"] = Segments.host_boundaries(window_lengths)
+        # One small transfer (per-frame integers and boundaries); the per-patch indices are made on the device.
         dev = _to_device_together(host, device)
+        num_patches = sum(patch_lengths)
+        indices = _patch_indices(dev["per_frame"], num_patches, merge_size)
+        if num_prefix:
+            segment = indices["segment"]
+            dev["patch_rows"] = torch.arange(num_patches, device=device) + (segment + 1) * num_prefix
+            frame_token_start = dev["frames"][:-1].to(torch.int64)  # [S]
+            dev["prefix_rows"] = (
+                frame_token_start[:, None] + torch.arange(num_prefix, device=device)
+            ).flatten()
 
         def segments(name: str, lengths: tuple[int, ...]) -> Segments:
             return Segments(dev[name], max(lengths), lengths, host[name])
@@ -341,10 +349,10 @@ class Packing:
             prefix_rows=dev.get("prefix_rows"),
             block_order=dev.get("block_order"),
             block_rows=dev.get("block_rows"),
-            patch_coords=dev["coords"],
-            patch_segment=dev["segment"],
+            patch_coords=indices["coords"],
+            patch_segment=indices["segment"],
             distinct_sizes=distinct,
-            size_table_rows=dev["size_table_rows"],
+            size_table_rows=indices["size_table_rows"],
             merge_size=merge_size,
             window_size=window_size,
         )

@@ -24,6 +24,52 @@ def test_packing_segments_and_prefix_rows():
     assert packing.patch_segment.tolist() == [0] * 6 + [1, 2] + [3] * 3
 
 
+@pytest.mark.parametrize("merge_size", [1, 2])
+def test_patch_indices_follow_each_frame_in_token_order(merge_size):
+    """Per patch, what a loop over frames gives: row and column in token order (merge order for m > 1), the
+    frame's size and index, and the row in one row-major table per distinct size (first appearance first)."""
+    grid = [[1, 4, 6], [2, 2, 2], [1, 6, 4], [1, 4, 6], [1, 2, 8]]
+    m = merge_size
+    coords, segments, table_rows, tables = [], [], [], {}
+    frames = [(h, w) for t, h, w in grid for _ in range(t)]
+    for s, (h, w) in enumerate(frames):
+        start = tables.setdefault((h, w), sum(a * b for a, b in tables) if tables else 0)
+        for br in range(h // m):
+            for bc in range(w // m):
+                for i in range(m):
+                    for j in range(m):
+                        r, c = br * m + i, bc * m + j
+                        coords.append([r, c, h, w])
+                        segments.append(s)
+                        table_rows.append(start + r * w + c)
+    packing = Packing.from_grid(grid, num_prefix=1, merge_size=m)
+    assert packing.patch_coords.dtype == torch.int32 and packing.patch_coords.tolist() == coords
+    assert packing.patch_segment.tolist() == segments
+    assert packing.size_table_rows.tolist() == table_rows
+    assert packing.distinct_sizes == ((4, 6), (2, 2), (6, 4), (2, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("merge_size", "window_size"), [(1, 0), (2, 0), (2, 4)])
+def test_a_cuda_packing_equals_the_cpu_one(merge_size, window_size):
+    grid = [[1, 4, 6], [2, 2, 2], [1, 6, 4], [1, 10, 8]]
+    prefix = 0 if window_size else 3
+    cpu = Packing.from_grid(grid, prefix, "cpu", merge_size, window_size)
+    cuda = Packing.from_grid(grid, prefix, "cuda", merge_size, window_size)
+    for name in ("patch_rows", "prefix_rows", "block_order", "block_rows", "patch_coords", "patch_segment",
+                 "size_table_rows"):  # fmt: skip
+        here, there = getattr(cpu, name), getattr(cuda, name)
+        assert (here is None) == (there is None), name
+        if here is not None:
+            assert (
+                there.device.type == "cuda" and there.dtype == here.dtype and torch.equal(there.cpu(), here)
+            )
+    for name in ("frames", "frame_patches", "windows"):
+        here, there = getattr(cpu, name), getattr(cuda, name)
+        if here is not None:
+            assert torch.equal(there.cu_seqlens.cpu(), here.cu_seqlens) and there.lengths == here.lengths
+
+
 def test_insert_and_remove_prefix_round_trip():
     packing = Packing.from_grid([[1, 2, 2], [1, 1, 3]], num_prefix=3)
     patches, prefix = torch.randn(7, 5), torch.randn(3, 5)
