@@ -20,6 +20,7 @@ model alone; two GPUs at >= 1.8 x one.
 
     python benchmarks/encode_pipeline.py --out benchmarks/results   # 2000 images, about 5 minutes on an H200
     python benchmarks/encode_pipeline.py --attn-backend fa4 --fp8    # options passed to every run
+    python benchmarks/encode_pipeline.py --attn-backend fa4 --graphs # encode --graphs; (a) replays them too
     python benchmarks/encode_pipeline.py --smoke                     # tiny model on the CPU, about a minute
 """
 
@@ -51,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 import packvit_native as pv  # noqa: E402
 from packvit_native.attention import resolve_backend  # noqa: E402
+from packvit_native.cli import capture_graphs  # noqa: E402
 from packvit_native.preprocess import MAX_DECODED_PIXELS  # noqa: E402
 from packvit_native.shards import preprocess_bytes  # noqa: E402
 from weights_convert.presets import PRESETS  # noqa: E402
@@ -134,6 +136,7 @@ def model_only(
         model_dir, device=device, dtype=args.dtype, attn_backend=args.attn_backend,
         precision="fp8" if args.fp8 else None,
     )  # fmt: skip
+    capture_graphs(model, args)  # as packvit encode --graphs does
     config = model.config
     settings = argparse.Namespace(resample=None, max_decoded_pixels=MAX_DECODED_PIXELS)
     rule = {"max_patches": None, "min_pixels": None, "max_pixels": None, "size": None}
@@ -195,8 +198,8 @@ def encode_command(
         "--dtype",
         args.dtype,
     ]
-    fp8 = ["--fp8"] if args.fp8 else []
-    return [*ENCODE, "--model", str(model_dir), "--out", str(out), pattern, *options, *fp8, *extra]
+    flags = [flag for flag, on in (("--fp8", args.fp8), ("--graphs", args.graphs)) if on]
+    return [*ENCODE, "--model", str(model_dir), "--out", str(out), pattern, *options, *flags, *extra]
 
 
 def child_env(**changes: str) -> dict[str, str]:
@@ -279,6 +282,7 @@ def render(
         f"{env['device']}; torch {env['torch']}, torchvision {env['torchvision']}, Pillow {env['pillow']}, "
         f"Python {env['python']}, {env['cpus']} CPU cores. Attention: {env['backend']}; dtype {env['dtype']}"
         + (", FP8 block linears" if env["fp8"] else "")
+        + (", blocks replayed from CUDA graphs (--graphs)" if env["graphs"] else "")
         + f"; --max-tokens {env['max_tokens']}. JPEGs: each side {env['min_side']}-{env['max_side']} px, "
         f"quality 90, {env['megabytes']:.0f} MB in all, {env['tokens_per_image']:.0f} patch tokens per image "
         "on average.",
@@ -320,10 +324,17 @@ def main() -> None:
     parser.add_argument(
         "--fp8", action="store_true", help="packvit encode --fp8 (and precision='fp8' in (a))"
     )
+    parser.add_argument(
+        "--graphs", action="store_true", help="packvit encode --graphs (and the same graphs in (a))"
+    )
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count(), help="decoding threads (default: all cores)"
     )
+    parser.add_argument(
+        "--decode", type=lambda text: text.split(","), default=["cpu", "gpu"],
+        help="the packvit encode runs: cpu, gpu or cpu,gpu (default)",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="timed passes of the model alone (median)")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny model on the CPU: checks that the script runs"
@@ -370,7 +381,7 @@ def environment(args: argparse.Namespace, device: torch.device, shards: list[lis
         "model_title": f"{title}, random weights",
         "images": args.images, "shards": args.shards, "min_side": args.min_side, "max_side": args.max_side,
         "megabytes": sum(len(d) for shard in shards for d in shard) / 2**20,
-        "dtype": args.dtype, "fp8": args.fp8, "max_tokens": args.max_tokens,
+        "dtype": args.dtype, "fp8": args.fp8, "graphs": args.graphs, "max_tokens": args.max_tokens,
         "command": shlex.join(["python", "benchmarks/encode_pipeline.py", *sys.argv[1:]]),
     }  # fmt: skip
 
@@ -398,6 +409,9 @@ def run(args: argparse.Namespace, work: Path, device: torch.device) -> None:
     one_gpu: dict[str, float] = {}
     for row, decode in (("b", "cpu"), ("c", "gpu")):
         name = f"({row}) packvit encode --decode {decode}"
+        if decode not in args.decode:
+            rows.append({"name": name, "error": f"left out (--decode {','.join(args.decode)})"})
+            continue
         why = gpu_decode_unavailable(device) if decode == "gpu" else None
         if why is not None:
             rows.append({"name": name, "error": why})

@@ -75,6 +75,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 MANIFEST = "packvit-encode.json"
 # Version 1 manifests (no "packvit_encode" field) identified the model by its path only.
 MANIFEST_VERSION = 2
+# --graphs: the most images (frames) a batch may hold to replay a graph. FA4 launches for the tokens present plus
+# a tile per image, so a generous bound costs little; batches of more, smaller images run eagerly.
+GRAPH_SEGMENTS = 128
 
 
 class Fatal(Exception):
@@ -595,11 +598,25 @@ def queue_model(
     grids = torch.cat([g for _, _, g in batch])
     packing = model.pack(grids)
     # with --decode gpu, JPEGs come on the device and other images on the CPU
-    patches = torch.cat([p.to(device, non_blocking=True) for _, p, _ in batch])
+    patches = torch.cat([on_device(p, model.device) for _, p, _ in batch])
     layers = tuple(args.layers) if args.layers else None
     with torch.inference_mode():
         result = model(patches, packing=packing, output_layers=layers, return_prefix=args.prefix)
         return grids, queued.outputs(token_outputs(result, packing, args))
+
+
+def on_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device`` (with its index, as ``model.device`` gives it), copied without waiting (from pinned
+    memory) if it is elsewhere; a tensor already there is returned as it is, with no operation at which the
+    interpreter could hand its lock to a loading thread."""
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
+def block_tokens(patches: Tensor, grid: Tensor, num_prefix: int) -> int:
+    """An image's tokens in the blocks: its patches and each frame's prefix tokens. Read with ``tolist``, not
+    tensor operations: each of those lets the loading threads take the interpreter lock, and this runs per
+    image on the thread that feeds the GPU."""
+    return patches.shape[0] + num_prefix * sum(t for t, _, _ in grid.tolist())
 
 
 def throughput(images: int, wall_s: float, model_s: float) -> str:
@@ -633,6 +650,8 @@ def check_device(args: argparse.Namespace, device: torch.device) -> None:
 
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Fatal(f"--device {device} asked for, but no CUDA GPU is available")
+    if args.graphs and device.type != "cuda":
+        raise Fatal(f"--graphs replays CUDA graphs; it needs a CUDA device, not {device}")
     try:
         resolve_backend(args.attn_backend, device)
     except ValueError as e:
@@ -685,6 +704,18 @@ def warm_up(model: Any, rule: dict[str, Any], device: torch.device) -> None:
             model(patches, grid)
     except (ValueError, RuntimeError) as e:
         raise Fatal(f"the model fails a first forward on {device}: {type(e).__name__}: {e}") from None
+
+
+def capture_graphs(model: Any, args: argparse.Namespace) -> None:
+    """``--graphs``: capture the blocks at ``--max-tokens`` and a quarter of it (a shard's last, smaller batch
+    then pads to less), after :func:`warm_up` has compiled and loaded the kernels."""
+    if not args.graphs:
+        return
+    budgets = sorted({max(args.max_tokens // 4, 1), args.max_tokens})
+    try:
+        model.capture_graphs(budgets, max_segments=GRAPH_SEGMENTS)
+    except (ValueError, RuntimeError) as e:
+        raise Fatal(f"--graphs: {e}") from None
 
 
 def share(items: list[Any], num_shards: int, shard_index: int, name: Callable[[Any], str]) -> list[Any]:
@@ -777,6 +808,7 @@ def _encode_files(args: argparse.Namespace) -> int:
         return 0
     rule = resize_rule(args, model)
     warm_up(model, rule, device)
+    capture_graphs(model, args)
 
     if args.decode == "gpu":
         from .shards import preprocess_bytes
@@ -881,7 +913,7 @@ def _encode_items(
                 writer.say(f"packvit encode: skipped, {reason}")
                 bar.update(1)
                 continue
-            n = patches.shape[0] + num_prefix * int(grid[:, 0].sum())  # prefix tokens per frame
+            n = block_tokens(patches, grid, num_prefix)
             if batch and batch_tokens + n > args.max_tokens:
                 flush(batch)
                 batch, batch_tokens = [], 0
@@ -965,6 +997,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--fp8", action="store_true",
         help="run the transformer blocks' linear layers as FP8 GEMMs, the rest in bfloat16 (inference; needs "
         "a GPU of compute capability 8.9 or newer, or a PyTorch whose CPU build runs FP8 matmuls); recorded in the settings, as it changes the features",
+    )  # fmt: skip
+    enc.add_argument(
+        "--graphs", action="store_true",
+        help=f"CUDA: replay the transformer blocks from CUDA graphs captured at --max-tokens and a quarter of "
+        f"it: one launch per batch instead of hundreds, so the host threads that read and decode images slow the "
+        f"model less. Batches of more than {GRAPH_SEGMENTS} images, and an image longer than --max-tokens, run "
+        "as usual. Features equal the plain forward's up to bfloat16 rounding (best with --attn-backend fa4, "
+        "whose kernels launch for the tokens present; other kernels launch for --max-tokens per image)",
     )  # fmt: skip
     enc.add_argument(
         "--max-tokens", type=_positive_int, default=16384,

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cli import Fatal, default_dtype, encode_args, load_model, resize_rule
+from .cli import Fatal, capture_graphs, default_dtype, encode_args, load_model, resize_rule
 from .shards import (
     Encoded,
     Plan,
@@ -84,6 +84,8 @@ def connect(args: argparse.Namespace, say: Callable[[str], None]) -> torch.devic
     device = torch.device("cuda" if args.gpus_per_worker > 0 else "cpu")
     if args.device is not None and torch.device(args.device).type != device.type:
         raise Fatal(f"--device {args.device} does not fit --gpus-per-worker {args.gpus_per_worker:g}")
+    if args.graphs and device.type != "cuda":
+        raise Fatal("--graphs replays CUDA graphs: give the model actors GPUs (--gpus-per-worker above 0)")
     args.dtype = default_dtype(args, device)
     say(
         f"packvit encode: Ray cluster with {gpus:g} GPUs and {ray.cluster_resources().get('CPU', 0):g} CPUs; "
@@ -178,6 +180,7 @@ class _Encoder:
                 f"--model {args.model} on this worker has sha256 {found[:16]}, the driver's has {sha256[:16]}"
             )
         self.dim = self.model.config.hidden_size
+        capture_graphs(self.model, args)
 
     def __call__(self, table: Any) -> Any:
         import pyarrow as pa
@@ -312,7 +315,8 @@ def encode_dataset(
         settings: any other ``packvit encode`` option by its Python name, with the same default: ``dtype``,
             ``max_tokens``, ``layers``, ``prefix``, ``tokens``, ``preview``, ``max_patches``, ``min_pixels``,
             ``max_pixels``, ``size``, ``resample``, ``merge_size``, ``attn_backend``, ``max_decoded_pixels``,
-            ``fp8`` (the actors load the model with ``precision="fp8"``).
+            ``fp8`` (the actors load the model with ``precision="fp8"``), ``graphs`` (the actors capture CUDA
+            graphs).
 
     Returns:
         The dataset with every other input column, plus ``grid_thw`` (``int64[3]``), ``embedding``
@@ -330,6 +334,8 @@ def encode_dataset(
         raise ValueError(
             "encode_dataset decodes in CPU tasks; decode='gpu' applies to packvit encode --engine local"
         )
+    if args.graphs and not gpus_per_worker > 0:
+        raise ValueError("graphs=True replays CUDA graphs: give the model actors GPUs (gpus_per_worker > 0)")
     args.dtype = default_dtype(args, torch.device("cuda" if gpus_per_worker > 0 else "cpu"))
     try:
         loaded, sha256 = load_model(args, torch.device("cpu"), check_only=True)

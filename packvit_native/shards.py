@@ -69,12 +69,15 @@ from .cli import (
     Fatal,
     Loads,
     Queued,
+    block_tokens,
     build_manifest,
+    capture_graphs,
     check_device,
     check_manifest,
     expected_keys,
     gpu_decoder,
     load_model_or_fail,
+    on_device,
     plural,
     prefetch,
     prepare_out,
@@ -457,7 +460,7 @@ def _queue(
     queued = Queued(device)
     grids = torch.cat([g for _, g in batch])
     packing = model.pack(grids)
-    patches = torch.cat([p.to(device, non_blocking=True) for p, _ in batch])
+    patches = torch.cat([on_device(p, model.device) for p, _ in batch])
     layers = tuple(args.layers) if args.layers else None
     with torch.inference_mode():
         out = model(
@@ -727,6 +730,7 @@ def encode_shards(args: argparse.Namespace, kind: str, say: Callable[[str], None
         return 0
     if args.engine == "local":
         warm_up(model, rule, device)
+        capture_graphs(model, args)
     started = time.perf_counter()
     if args.engine == "ray":
         from .ray_data import encode_shards_ray
@@ -882,7 +886,7 @@ def _encode_local(
                     result.fail(sample, str(e), say)
                     bar.update(1)
                     continue
-                n = patches.shape[0] + num_prefix * int(grid[:, 0].sum())
+                n = block_tokens(patches, grid, num_prefix)
                 if batch and tokens + n > args.max_tokens:
                     flush(result)
                     tokens = 0

@@ -113,6 +113,13 @@ def test_input_errors(tmp_path, folder, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_graphs_need_a_cuda_device(tiny_reference, folder, tmp_path, capsys):
+    out = tmp_path / "features"
+    assert _encode("--model", tiny_reference("dinov3", "gelu"), "--out", out, folder, "--graphs") == 2
+    assert "--graphs replays CUDA graphs; it needs a CUDA device, not cpu" in capsys.readouterr().err
+    assert not list(out.glob("**/*.safetensors"))
+
+
 def test_interrupted_run_leaves_whole_files_and_resumes(
     tiny_reference, folder, tmp_path, monkeypatch, capsys
 ):

@@ -134,3 +134,25 @@ def test_encode_dataset_adds_embeddings_and_reports_bad_samples(model_dir, tmp_p
         encode_dataset(ds, str(model_dir), layers=[99], tokens=True)
     with pytest.raises(TypeError, match="unknown encode settings: bogus"):
         encode_dataset(ds, str(model_dir), bogus=1)
+
+
+def test_graphs_need_gpu_actors(model_dir, tmp_path, capsys):
+    write_webdataset(tmp_path / "wds", shards=1, per_shard=2)
+    shards = tmp_path / "wds" / "00000.tar"
+    args = [
+        "--model",
+        model_dir,
+        shards,
+        "--out",
+        tmp_path / "out",
+        "--engine",
+        "ray",
+        "--gpus-per-worker",
+        0,
+    ]
+    assert _encode(*args, "--graphs") == 2
+    assert "--graphs replays CUDA graphs: give the model actors GPUs" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="graphs=True replays CUDA graphs"):
+        from packvit_native.ray_data import encode_dataset
+
+        encode_dataset(ray.data.from_items([{"image": b""}]), str(model_dir), graphs=True)
