@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral
 
 import numpy as np
@@ -254,6 +254,7 @@ class Packing:
             distinct size (how position tables built per size are gathered into packed order).
         merge_size: ``1`` for row-major patches, ``m`` for merge order (see the module docstring).
         window_size: side of the attention windows in patches, ``0`` for none.
+        memo: tables computed from this packing alone, kept with it (e.g. eval-mode rotary angles).
     """
 
     grid: tuple[tuple[int, int, int], ...]
@@ -272,6 +273,8 @@ class Packing:
     size_table_rows: Tensor
     merge_size: int = 1
     window_size: int = 0
+    # Tables derived from this packing alone (the rotary angles of eval-mode forwards), made once per packing.
+    memo: dict = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_grid(

@@ -113,9 +113,7 @@ class Positions(nn.Module):
             additive = torch.cat(tables).index_select(0, packing.size_table_rows)  # [N, D]
         rotary = None
         if self._coords is not None:
-            rotary = self._rotary(
-                self._coords(packing), packing, torch.float32 if self.config.rope_fp32 else dtype
-            )
+            rotary = self._rotary_of(packing, torch.float32 if self.config.rope_fp32 else dtype)
         return PositionTerms(additive, rotary, None if self.cls is None else self.cls.float())
 
     def check_sizes(self, packing: Packing) -> None:
@@ -183,6 +181,23 @@ class Positions(nn.Module):
         if self.config.rope == "normalized":
             return torch.arange(0, 1, 4 / dh, dtype=torch.float32, device=device)
         return torch.arange(0, dh // 2, 2, dtype=torch.float32, device=device) / (dh // 2)
+
+    def _rotary_of(self, packing: Packing, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The rotary tables. In eval mode they depend on the packing and the rope settings alone, so from the
+        second forward over one packing (fixed-size serving: the model keeps its recent packings) they are kept
+        on it and the thirty-odd operations that make them are skipped. A packing used once (mixed sizes)
+        keeps nothing but the note that it was used."""
+        if self.training or self.cls_angles is not None:  # augmented, or learned: made anew every forward
+            return self._rotary(self._coords(packing), packing, dtype)
+        c = self.config
+        # Tables made in inference mode may only be read there, so they are kept apart from the others.
+        key = ("rotary", c.rope, c.rope_theta, c.head_dim, dtype, torch.is_inference_mode_enabled())
+        tables = packing.memo.get(key)
+        if tables is None:
+            with torch.no_grad():  # a function of the packing alone: nothing to differentiate
+                tables = self._rotary(self._coords(packing), packing, dtype)
+            packing.memo[key] = tables if key in packing.memo else None
+        return tables
 
     def _rotary(self, coords: Tensor, packing: Packing, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         dh = self.config.head_dim

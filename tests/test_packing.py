@@ -156,3 +156,29 @@ def test_recent_packings_are_reused_per_model(tiny_reference):
     assert len(model._packings) == RECENT_PACKINGS
     other = pv.from_pretrained(tiny_reference("dinov3", "gelu"))
     assert other.pack(grid) is not model.pack(grid)  # kept per model
+
+
+def test_rotary_tables_are_kept_from_the_second_eval_forward_over_a_packing(tiny_reference):
+    model = pv.from_pretrained(tiny_reference("dinov3", "gelu")).eval()
+    grid = torch.tensor([[1, 3, 5], [1, 1, 1]])
+    patches = torch.randn(16, model.config.patch_dim)
+    packing = model.pack(grid)
+    with torch.inference_mode():
+        first = model.positions(packing, torch.float32).rotary
+        assert all(v is None for v in packing.memo.values())  # used once: nothing kept
+        second = model.positions(packing, torch.float32).rotary
+        third = model.positions(packing, torch.float32).rotary
+        assert third[0] is second[0] and third[1] is second[1]  # kept from the second forward on
+        assert torch.equal(first[0], third[0]) and torch.equal(first[1], third[1])
+        kept = model(patches, packing=packing)
+    # Grad mode gets tables of its own (inference tensors cannot be saved for backward), equal in value.
+    for _ in range(2):
+        x = patches.clone().requires_grad_()
+        out = model(x, packing=packing)
+        out.sum().backward()
+        assert x.grad is not None and torch.equal(out.detach(), kept)
+    model.train()
+    fresh = pv.Packing.from_grid(grid, model.config.num_prefix)
+    for _ in range(2):
+        model.positions(fresh, torch.float32)
+    assert not fresh.memo  # training (augmentation) keeps nothing
