@@ -1002,8 +1002,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--graphs", action="store_true",
         help=f"CUDA: replay the transformer blocks from CUDA graphs captured at --max-tokens and a quarter of "
         f"it: one launch per batch instead of hundreds, so the host threads that read and decode images slow the "
-        f"model less. Batches of more than {GRAPH_SEGMENTS} images, and an image longer than --max-tokens, run "
-        "as usual. Features equal the plain forward's up to bfloat16 rounding (best with --attn-backend fa4, "
+        f"model less. Batches of more than {GRAPH_SEGMENTS} images, an image longer than --max-tokens, and "
+        "every batch with --layers run as usual. Features equal the plain forward's up to bfloat16 rounding (best with --attn-backend fa4, "
         "whose kernels launch for the tokens present; other kernels launch for --max-tokens per image)",
     )  # fmt: skip
     enc.add_argument(
