@@ -8,7 +8,8 @@ by our encoder and saved with ``save_pretrained``; no network). Then, on one GPU
 (a) model only: the same images preprocessed once (the CPU path's patches), already on the GPU, in the
     batches ``packvit encode`` makes (``--max-tokens``, prefix tokens included, no batch spanning two
     shards); forwards timed back to back after two warm-up batches, the median of ``--rounds`` passes;
-(b) ``packvit encode`` over the shards with ``--decode cpu`` and ``--workers`` decoding threads;
+(b) ``packvit encode`` over the shards with ``--decode cpu`` and ``--workers`` decoding threads, and (b2)
+    the same with ``--processes`` (decoding in worker processes);
 (c) the same with ``--decode gpu`` (where torchvision with nvJPEG is installed);
 (d) with two GPUs or more: two ``packvit encode`` processes at once, ``--num-shards 2 --shard-index i``,
     one GPU each (``CUDA_VISIBLE_DEVICES``), ``--workers`` shared between them, their images/s summed,
@@ -58,6 +59,9 @@ from packvit_native.shards import preprocess_bytes  # noqa: E402
 from weights_convert.presets import PRESETS  # noqa: E402
 
 PIPELINE_TARGET, SCALING_TARGET = 0.8, 1.8
+# The packvit encode runs on one GPU: (row, name as --decode takes it).
+RUNS = (("b", "cpu"), ("b2", "processes"), ("c", "gpu"))
+RUN_TITLES = {"cpu": "--decode cpu", "processes": "--decode cpu --processes", "gpu": "--decode gpu"}
 # Runs packvit encode as the console script does, from this checkout (no install needed).
 ENCODE = [sys.executable, "-c", "import sys; from packvit_native.cli import main; sys.exit(main())", "encode"]
 SUMMARY = re.compile(
@@ -332,8 +336,9 @@ def main() -> None:
         "--workers", type=int, default=os.cpu_count(), help="decoding threads (default: all cores)"
     )
     parser.add_argument(
-        "--decode", type=lambda text: text.split(","), default=["cpu", "gpu"],
-        help="the packvit encode runs: cpu, gpu or cpu,gpu (default)",
+        "--decode", type=lambda text: text.split(","), default=["cpu", "processes", "gpu"],
+        help="the packvit encode runs, comma-separated: cpu (threads), processes (--decode cpu --processes), "
+        "gpu (default: all three)",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="timed passes of the model alone (median)")
     parser.add_argument(
@@ -407,9 +412,11 @@ def run(args: argparse.Namespace, work: Path, device: torch.device) -> None:
     rows: list[dict[str, Any]] = [{"name": "(a) model alone", **alone, "note": note}]
 
     one_gpu: dict[str, float] = {}
-    for row, decode in (("b", "cpu"), ("c", "gpu")):
-        name = f"({row}) packvit encode --decode {decode}"
-        if decode not in args.decode:
+    for row, run_name in RUNS:
+        decode = "gpu" if run_name == "gpu" else "cpu"
+        extra = ["--processes"] if run_name == "processes" else []
+        name = f"({row}) packvit encode --decode {decode}{' --processes' if extra else ''}"
+        if run_name not in args.decode:
             rows.append({"name": name, "error": f"left out (--decode {','.join(args.decode)})"})
             continue
         why = gpu_decode_unavailable(device) if decode == "gpu" else None
@@ -417,10 +424,10 @@ def run(args: argparse.Namespace, work: Path, device: torch.device) -> None:
             rows.append({"name": name, "error": why})
             continue
         print(f"{name} ...", flush=True)
-        options = ["--device", str(device), "--decode", decode, "--workers", str(args.workers)]
-        command = encode_command(args, model_dir, runs / decode, pattern, *options)
+        options = ["--device", str(device), "--decode", decode, "--workers", str(args.workers), *extra]
+        command = encode_command(args, model_dir, runs / run_name, pattern, *options)
         result = run_encode(command)
-        one_gpu[decode] = result["images_per_s"]
+        one_gpu[run_name] = result["images_per_s"]
         note = f"model alone in this run: {result['model_alone_per_s']:.1f} img/s; --workers {args.workers}"
         if "decoded_on_gpu" in result:
             on_gpu, on_cpu = result["decoded_on_gpu"], result["decoded_on_cpu"]
@@ -429,17 +436,19 @@ def run(args: argparse.Namespace, work: Path, device: torch.device) -> None:
 
     scaling = None
     if device.type == "cuda" and torch.cuda.device_count() >= 2 and one_gpu:
-        decode = "gpu" if "gpu" in one_gpu else "cpu"
+        run_name = next(name for name in ("gpu", "processes", "cpu") if name in one_gpu)
+        decode = "gpu" if run_name == "gpu" else "cpu"
         workers = max(1, args.workers // 2)
         options = ["--device", "cuda", "--decode", decode, "--workers", str(workers), "--num-shards", "2"]
+        options += ["--processes"] if run_name == "processes" else []
         commands = [
             encode_command(args, model_dir, runs / "two-gpus", pattern, *options, "--shard-index", str(i))
             for i in range(2)
         ]
-        name = f"(d) 2 GPUs, 2 processes, --decode {decode}"
+        name = f"(d) 2 GPUs, 2 processes, {RUN_TITLES[run_name]}"
         print(f"{name} ...", flush=True)
         both = run_two_gpus(commands)
-        scaling = both["images_per_s"] / one_gpu[decode]
+        scaling = both["images_per_s"] / one_gpu[run_name]
         each = ", ".join(f"{v:.1f}" for v in both["per_process"])
         note = f"per process {each} img/s; --workers {workers} each"
         command = "CUDA_VISIBLE_DEVICES=I " + shown(commands[0], paths).replace(
@@ -451,10 +460,10 @@ def run(args: argparse.Namespace, work: Path, device: torch.device) -> None:
         rows.append({"name": "(d) 2 GPUs", "error": f"{torch.cuda.device_count()} GPU visible"})
 
     ratios: list[tuple[str, float | None, float]] = []
-    for row, decode in (("b", "cpu"), ("c", "gpu")):
-        value = one_gpu[decode] / alone["images_per_s"] if decode in one_gpu else None
+    for row, run_name in RUNS:
+        value = one_gpu[run_name] / alone["images_per_s"] if run_name in one_gpu else None
         ratios.append(
-            (f"({row}) / (a): pipeline with --decode {decode} / model alone", value, PIPELINE_TARGET)
+            (f"({row}) / (a): pipeline, {RUN_TITLES[run_name]} / model alone", value, PIPELINE_TARGET)
         )
     ratios.append(("(d): 2 GPUs / 1 GPU, same decoding", scaling, SCALING_TARGET))
     report = render(env, rows, ratios)

@@ -68,6 +68,7 @@ from . import atomic
 from .gpu_decode import GpuDecoder, nvjpeg_decoder
 from .loading import DTYPES
 from .preprocess import MAX_DECODED_PIXELS, LoadingThreads
+from .worker_processes import LoadingProcesses, WorkerDied
 
 __all__ = ["IMAGE_SUFFIXES", "find_images", "main"]
 
@@ -505,10 +506,13 @@ class Loads:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def prefetch(items: Iterable[Any], loads: Loads | GpuDecoder) -> Iterator[tuple[Any, Future]]:
+def prefetch(
+    items: Iterable[Any], loads: Loads | GpuDecoder | LoadingProcesses
+) -> Iterator[tuple[Any, Future]]:
     """Yield ``(item, loads.submit(item))`` in order, keeping at most ``loads.window`` loads in flight.
 
-    ``loads`` is a :class:`Loads` or a :class:`~packvit_native.gpu_decode.GpuDecoder`; the caller closes it.
+    ``loads`` is a :class:`Loads`, a :class:`~packvit_native.gpu_decode.GpuDecoder` or a
+    :class:`~packvit_native.worker_processes.LoadingProcesses`; the caller closes it.
     ``items`` may be a lazy iterator (a stream of samples read from a shard): it is advanced in the caller's
     thread, one item ahead of each one handed out.
     """
@@ -744,6 +748,8 @@ def check_options(args: argparse.Namespace, kind: str) -> None:
         args.workers = args.workers or 4
     if args.fp8 and args.dtype not in (None, "bfloat16"):
         raise Fatal(f"--fp8 runs the layers it leaves unquantized in bfloat16; drop --dtype {args.dtype}")
+    if args.processes and (args.decode != "cpu" or args.engine != "local"):
+        raise Fatal("--processes runs the decoding workers of --decode cpu --engine local as processes")
     if not 0 <= args.shard_index < args.num_shards:
         raise Fatal(f"--shard-index {args.shard_index} is not in 0..{args.num_shards - 1} (--num-shards)")
     shard_only = {
@@ -813,10 +819,14 @@ def _encode_files(args: argparse.Namespace) -> int:
     if args.decode == "gpu":
         from .shards import preprocess_bytes
 
-        loads: Loads | GpuDecoder = gpu_decoder(
+        loads: Loads | GpuDecoder | LoadingProcesses = gpu_decoder(
             args, model.config, rule, device, lambda item: item.path.read_bytes(),
             lambda data: staged(preprocess_bytes(data, model.config, args, rule), args, device),
         )  # fmt: skip
+    elif args.processes:
+        loads = LoadingProcesses(
+            lambda item: str(item.path), args.workers, model.config, args, rule, device.type == "cuda"
+        )
     else:
 
         def load(item: Item) -> tuple[Tensor, Tensor]:
@@ -845,7 +855,7 @@ def _encode_files(args: argparse.Namespace) -> int:
 
 def _encode_items(
     todo: list[Item],
-    loads: Loads | GpuDecoder,
+    loads: Loads | GpuDecoder | LoadingProcesses,
     model: Any,
     writer: _Writer,
     manifest: dict[str, Any],
@@ -907,6 +917,9 @@ def _encode_items(
         for item, future in stream:
             try:
                 patches, grid = future.result()
+            except WorkerDied as e:
+                settle()
+                raise Fatal(f"{e}; {KEPT}") from None
             except ValueError as e:
                 failed.append(item.path)
                 reason = str(e) if str(item.path) in str(e) else f"{item.path}: {e}"
@@ -1027,6 +1040,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="--engine local: threads reading and decoding images ahead (default 4; with --decode gpu they "
         "parse headers and decode what the GPU does not); --engine ray: model actors (default: the cluster's "
         "GPUs / --gpus-per-worker, or 1 without GPUs)",
+    )  # fmt: skip
+    enc.add_argument(
+        "--processes", action="store_true",
+        help="--decode cpu, --engine local: run the --workers as processes instead of threads, so that decoding "
+        "never competes for Python's interpreter lock with the thread that feeds the model (each process "
+        "starts once; the patches come back through shared memory)",
     )  # fmt: skip
     enc.add_argument(
         "--max-decoded-pixels", type=_positive_int, default=MAX_DECODED_PIXELS, metavar="N",

@@ -96,6 +96,7 @@ from .cli import (
 )
 from .gpu_decode import GpuDecoder
 from .preprocess import decode
+from .worker_processes import LoadingProcesses, WorkerDied
 
 __all__ = [
     "Sample",
@@ -739,7 +740,7 @@ def encode_shards(args: argparse.Namespace, kind: str, say: Callable[[str], None
         stats = encode_shards_ray(args, plan, say)
     else:
         stats = _encode_local(args, plan, model, device, say)
-    wall_s = time.perf_counter() - started
+    wall_s = time.perf_counter() - started - stats.startup_s
     say(
         f"packvit encode: encoded {plural(stats.images, 'image')} ({plural(stats.patch_tokens, 'patch token')}) "
         f"of {plural(len(todo), 'shard')} in {wall_s:.1f}s into {out}"
@@ -765,6 +766,7 @@ class Stats:
     model_s: float = 0.0  # seconds in the forward, summed over workers; divided by them for the figure
     workers: int = 1
     decode: str = ""  # --decode gpu: how many images each path took
+    startup_s: float = 0.0  # starting the loaders (worker processes, the GPU decoder): left out of the clock
 
 
 class Writes:
@@ -831,10 +833,16 @@ def _encode_local(
         data = read(event)
         return None if data is None else on_host(data)
 
+    begun = time.perf_counter()
     if args.decode == "gpu":
-        loads: Loads | GpuDecoder = gpu_decoder(args, plan.config, plan.rule, device, read, on_host)
+        loads: Loads | GpuDecoder | LoadingProcesses = gpu_decoder(
+            args, plan.config, plan.rule, device, read, on_host
+        )
+    elif args.processes:
+        loads = LoadingProcesses(read, args.workers, plan.config, args, plan.rule, device.type == "cuda")
     else:
         loads = Loads(load, args.workers)
+    stats.startup_s = time.perf_counter() - begun
 
     batch: list[tuple[Sample, Tensor, Tensor]] = []
     # The batch queued on the device and not yet collected, and the shards that ended behind it: a shard is
@@ -882,6 +890,9 @@ def _encode_local(
                     continue
                 try:
                     patches, grid = future.result()
+                except WorkerDied as e:
+                    settle()
+                    raise Fatal(f"{e}; {KEPT}") from None
                 except ValueError as e:
                     result.fail(sample, str(e), say)
                     bar.update(1)

@@ -1,0 +1,189 @@
+"""``packvit encode --processes``: decoding in worker processes gives the threads' outputs bit for bit, lists
+the same unreadable samples, and a worker that dies stops the run with a message; a rerun completes it."""
+
+import argparse
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from shard_data import CORRUPT, as_files, samples, write_webdataset
+
+import packvit_native as pv
+from packvit_native.cli import main
+from packvit_native.shards import preprocess_bytes
+from packvit_native.worker_processes import LoadingProcesses, WorkerDied
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from weights_convert.check import save_tiny_reference
+
+    root = tmp_path_factory.mktemp("model")
+    src = save_tiny_reference("dinov3", "gelu", root / "hf")
+    return pv.from_pretrained(src).save_pretrained(root / "model")
+
+
+def _encode(*args) -> int:
+    return main(["encode", *map(str, args), "--device", "cpu", "--workers", "2"])
+
+
+def _table(path):
+    table = pq.read_table(path)
+    record = json.loads(table.schema.metadata[b"packvit"])
+    return table.column("key").to_pylist(), np.stack(table.to_pandas().embedding), record
+
+
+def test_processes_give_the_threads_outputs(model_dir, tmp_path, capsys):
+    write_webdataset(tmp_path / "wds", shards=2, per_shard=5)
+    shards = tmp_path / "wds" / "{00000..00001}.tar"
+    common = ["--model", model_dir, shards, "--tokens", "--max-tokens", 150]
+    assert _encode(*common, "--out", tmp_path / "threads") == 1  # 1: each shard has a corrupt sample
+    threads_err = capsys.readouterr().err
+    assert _encode(*common, "--out", tmp_path / "processes", "--processes") == 1
+    processes_err = capsys.readouterr().err
+    for s in ("00000", "00001"):
+        (ka, ea, ma), (kb, eb, mb) = (_table(tmp_path / d / f"{s}.parquet") for d in ("threads", "processes"))
+        assert ka == kb and len(ka) == 4 and np.array_equal(ea, eb) and ma["errors"] == mb["errors"]
+        a = load_file(tmp_path / "threads" / f"{s}.safetensors")
+        b = load_file(tmp_path / "processes" / f"{s}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    skipped = [line for line in threads_err.splitlines() if "skipped" in line]
+    assert len(skipped) == 2 and all(line in processes_err for line in skipped)
+
+
+def test_processes_encode_image_files(model_dir, tmp_path):
+    folder = tmp_path / "files"
+    as_files(folder, [samples(0, 4)])
+    (folder / "broken.jpg").write_bytes(CORRUPT)
+    assert _encode("--model", model_dir, folder, "--out", tmp_path / "threads") == 1
+    assert _encode("--model", model_dir, folder, "--out", tmp_path / "processes", "--processes") == 1
+    written = sorted(
+        p.relative_to(tmp_path / "threads") for p in (tmp_path / "threads").rglob("*.safetensors")
+    )
+    assert len(written) == 3
+    for name in written:
+        a, b = load_file(tmp_path / "threads" / name), load_file(tmp_path / "processes" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_processes_apply_to_local_cpu_decoding(model_dir, tmp_path, capsys):
+    write_webdataset(tmp_path / "wds", shards=1, per_shard=2)
+    args = ["--model", model_dir, tmp_path / "wds" / "00000.tar", "--out", tmp_path / "out", "--processes"]
+    for other in (["--decode", "gpu"], ["--engine", "ray"]):
+        assert _encode(*args, *other) == 2
+        assert (
+            "--processes runs the decoding workers of --decode cpu --engine local" in capsys.readouterr().err
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def _jpeg(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), 90, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_a_worker_that_dies_fails_what_is_queued(model_dir):
+    config = pv.from_pretrained(model_dir).config
+    args = argparse.Namespace(dtype="float32", resample=None, max_decoded_pixels=None)
+    rule = {"max_patches": None, "min_pixels": None, "max_pixels": None, "size": None}
+    loads = LoadingProcesses(lambda data: data, 2, config, args, rule, pin=False)
+    try:
+        patches, grid = loads.submit(_jpeg(32)).result(timeout=120)
+        here = preprocess_bytes(_jpeg(32), config, args, rule)  # what a loading thread makes
+        assert torch.equal(grid, here[1]) and torch.equal(patches, here[0])
+        with pytest.raises(ValueError, match="cannot read image"):
+            loads.submit(b"not an image").result(timeout=60)
+        assert loads.submit(None).result() is None
+        for pid in list(loads.pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerDied, match="a loading process ended"):
+            for _ in range(4):
+                loads.submit(_jpeg(32)).result(timeout=60)
+    finally:
+        loads.close()
+
+
+def test_a_run_whose_worker_dies_stops_and_resumes(model_dir, tmp_path, capsys, monkeypatch):
+    write_webdataset(tmp_path / "wds", shards=3, per_shard=5)
+    args = ["--model", model_dir, tmp_path / "wds" / "{00000..00002}.tar", "--out", tmp_path / "out"]
+    args += ["--max-tokens", 150, "--processes"]
+    submit, calls = LoadingProcesses.submit, []
+
+    def kill_after_seven(self, item):
+        calls.append(item)
+        if len(calls) == 8:  # a worker killed mid-run, as by the OOM killer
+            for pid in list(self.pool._processes):
+                os.kill(pid, signal.SIGKILL)
+        return submit(self, item)
+
+    monkeypatch.setattr(LoadingProcesses, "submit", kill_after_seven)
+    assert _encode(*args) == 2
+    err = capsys.readouterr().err
+    assert "a loading process ended" in err and "rerun the same command to resume" in err
+    monkeypatch.setattr(LoadingProcesses, "submit", submit)
+    assert _encode(*args) == 1  # the corrupt samples, listed
+    for s in range(3):
+        keys, embeddings, _ = _table(tmp_path / "out" / f"0000{s}.parquet")
+        assert len(keys) == 4 == len(set(keys)) and np.isfinite(embeddings).all()
+
+
+HANGING = """
+import sys, time
+import packvit_native.shards as shards
+real_write = shards.write_shard
+def write_then_hang(*args, **kwargs):
+    real_write(*args, **kwargs)
+    time.sleep(600)  # SIGKILL comes while this run and its workers are alive
+shards.write_shard = write_then_hang
+from packvit_native.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_workers_end_with_a_run_killed_by_sigkill(model_dir, tmp_path):
+    write_webdataset(tmp_path / "wds", shards=2, per_shard=5)
+    args = ["encode", "--model", str(model_dir), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    args += [str(tmp_path / "wds" / "{00000..00001}.tar"), "--processes", "--workers", "2"]
+    proc = subprocess.Popen([sys.executable, "-c", HANGING, *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "out" / "00000.parquet").exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    workers = _descendants(proc.pid)
+    assert len(workers) >= 3  # the fork server and two workers (and the resource tracker)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while workers & {int(p.name) for p in Path("/proc").glob("[0-9]*")}:
+        assert time.monotonic() < deadline, f"left running: {sorted(workers)}"
+        time.sleep(0.2)
