@@ -355,6 +355,9 @@ def main() -> None:
         sys.exit(
             "packvit encode writes the shards' outputs as parquet, which needs pyarrow: pip install pyarrow"
         )
+    unknown = sorted(set(args.decode) - set(RUN_TITLES))
+    if unknown:
+        parser.error(f"--decode takes {', '.join(RUN_TITLES)}; not {', '.join(unknown)}")
     args.images = args.images or (32 if args.smoke else 2000)
     args.shards = args.shards or (4 if args.smoke else 8)
     args.max_side = args.max_side or (384 if args.smoke else 1024)

@@ -68,7 +68,7 @@ from . import atomic
 from .gpu_decode import GpuDecoder, nvjpeg_decoder
 from .loading import DTYPES
 from .preprocess import MAX_DECODED_PIXELS, LoadingThreads
-from .worker_processes import LoadingProcesses, WorkerDied
+from .worker_processes import LoadingFailed, LoadingProcesses
 
 __all__ = ["IMAGE_SUFFIXES", "find_images", "main"]
 
@@ -76,8 +76,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 MANIFEST = "packvit-encode.json"
 # Version 1 manifests (no "packvit_encode" field) identified the model by its path only.
 MANIFEST_VERSION = 2
-# --graphs: the most images (frames) a batch may hold to replay a graph. FA4 launches for the tokens present plus
-# a tile per image, so a generous bound costs little; batches of more, smaller images run eagerly.
+# --graphs: the most frames a batch may hold to replay a graph (windowed towers get room for their windows too).
+# FA4 launches for the tokens present plus a tile per segment, so a generous bound costs little; batches of
+# more, smaller images run eagerly.
 GRAPH_SEGMENTS = 128
 
 
@@ -693,6 +694,21 @@ def gpu_decoder(
         raise Fatal(str(e)) from None
 
 
+def loading_processes(
+    source: Callable[[Any], bytes | str | None],
+    args: argparse.Namespace,
+    config: Any,
+    rule: dict[str, Any],
+    device: torch.device,
+) -> LoadingProcesses:
+    """The ``--processes`` loads (:class:`~packvit_native.worker_processes.LoadingProcesses`), started; a
+    failure to start as ``Fatal``."""
+    try:
+        return LoadingProcesses(source, args.workers, config, args, rule, pin=device.type == "cuda")
+    except LoadingFailed as e:
+        raise Fatal(str(e)) from None
+
+
 def warm_up(model: Any, rule: dict[str, Any], device: torch.device) -> None:
     """One forward of a small blank image before the clock starts, so that the run's throughput figures leave
     out one-time costs (kernel compilation, library start-up), and a backend that fails on this device fails
@@ -716,8 +732,12 @@ def capture_graphs(model: Any, args: argparse.Namespace) -> None:
     if not args.graphs:
         return
     budgets = sorted({max(args.max_tokens // 4, 1), args.max_tokens})
+    segments = GRAPH_SEGMENTS
+    window = model.config.window_size
+    if window:  # a segment per attention window: a budget of whole windows, twice over for partial ones
+        segments += 2 * args.max_tokens // (window * window)
     try:
-        model.capture_graphs(budgets, max_segments=GRAPH_SEGMENTS)
+        model.capture_graphs(budgets, max_segments=segments)
     except (ValueError, RuntimeError) as e:
         raise Fatal(f"--graphs: {e}") from None
 
@@ -824,9 +844,7 @@ def _encode_files(args: argparse.Namespace) -> int:
             lambda data: staged(preprocess_bytes(data, model.config, args, rule), args, device),
         )  # fmt: skip
     elif args.processes:
-        loads = LoadingProcesses(
-            lambda item: str(item.path), args.workers, model.config, args, rule, device.type == "cuda"
-        )
+        loads = loading_processes(lambda item: str(item.path), args, model.config, rule, device)
     else:
 
         def load(item: Item) -> tuple[Tensor, Tensor]:
@@ -917,7 +935,7 @@ def _encode_items(
         for item, future in stream:
             try:
                 patches, grid = future.result()
-            except WorkerDied as e:
+            except LoadingFailed as e:
                 settle()
                 raise Fatal(f"{e}; {KEPT}") from None
             except ValueError as e:
@@ -1015,8 +1033,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--graphs", action="store_true",
         help=f"CUDA: replay the transformer blocks from CUDA graphs captured at --max-tokens and a quarter of "
         f"it: one launch per batch instead of hundreds, so the host threads that read and decode images slow the "
-        f"model less. Batches of more than {GRAPH_SEGMENTS} images, an image longer than --max-tokens, and "
-        "every batch with --layers run as usual. Features equal the plain forward's up to bfloat16 rounding (best with --attn-backend fa4, "
+        f"model less. Batches of more than {GRAPH_SEGMENTS} images (frames), an image longer than "
+        "--max-tokens, and every batch with --layers run as usual. Features equal the plain forward's up to bfloat16 rounding (best with --attn-backend fa4, "
         "whose kernels launch for the tokens present; other kernels launch for --max-tokens per image)",
     )  # fmt: skip
     enc.add_argument(
@@ -1037,7 +1055,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enc.add_argument(
         "--workers", type=_positive_int, default=None,
-        help="--engine local: threads reading and decoding images ahead (default 4; with --decode gpu they "
+        help="--engine local: threads (processes with --processes) reading and decoding images ahead (default "
+        "4; with --decode gpu they "
         "parse headers and decode what the GPU does not); --engine ray: model actors (default: the cluster's "
         "GPUs / --gpus-per-worker, or 1 without GPUs)",
     )  # fmt: skip

@@ -183,10 +183,10 @@ class Positions(nn.Module):
         return torch.arange(0, dh // 2, 2, dtype=torch.float32, device=device) / (dh // 2)
 
     def _rotary_of(self, packing: Packing, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The rotary tables. In eval mode they depend on the packing and the rope settings alone, so from the
-        second forward over one packing (fixed-size serving: the model keeps its recent packings) they are kept
-        on it and the thirty-odd operations that make them are skipped. A packing used once (mixed sizes)
-        keeps nothing but the note that it was used."""
+        """The rotary tables. In eval mode they depend on the packing and the rope settings alone, so the
+        second forward over one packing (fixed-size serving: the model keeps its recent packings) keeps them
+        on it, and later forwards skip the thirty-odd operations that make them. A packing used once (mixed
+        sizes) keeps nothing but the note that it was used."""
         if self.training or self.cls_angles is not None:  # augmented, or learned: made anew every forward
             return self._rotary(self._coords(packing), packing, dtype)
         c = self.config

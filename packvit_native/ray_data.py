@@ -330,9 +330,10 @@ def encode_dataset(
         ValueError: a bad setting, or a model that cannot be loaded (checked here, on the driver).
     """
     args = encode_args(model=model, workers=workers, gpus_per_worker=gpus_per_worker, **settings)
-    if args.decode != "cpu":
+    if args.decode != "cpu" or args.processes:
         raise ValueError(
-            "encode_dataset decodes in CPU tasks; decode='gpu' applies to packvit encode --engine local"
+            "encode_dataset decodes in CPU tasks; decode='gpu' and processes=True apply to packvit encode "
+            "--engine local"
         )
     if args.graphs and not gpus_per_worker > 0:
         raise ValueError("graphs=True replays CUDA graphs: give the model actors GPUs (gpus_per_worker > 0)")

@@ -77,6 +77,7 @@ from .cli import (
     expected_keys,
     gpu_decoder,
     load_model_or_fail,
+    loading_processes,
     on_device,
     plural,
     prefetch,
@@ -96,7 +97,7 @@ from .cli import (
 )
 from .gpu_decode import GpuDecoder
 from .preprocess import decode
-from .worker_processes import LoadingProcesses, WorkerDied
+from .worker_processes import LoadingFailed, LoadingProcesses
 
 __all__ = [
     "Sample",
@@ -839,7 +840,7 @@ def _encode_local(
             args, plan.config, plan.rule, device, read, on_host
         )
     elif args.processes:
-        loads = LoadingProcesses(read, args.workers, plan.config, args, plan.rule, device.type == "cuda")
+        loads = loading_processes(read, args, plan.config, plan.rule, device)
     else:
         loads = Loads(load, args.workers)
     stats.startup_s = time.perf_counter() - begun
@@ -890,7 +891,7 @@ def _encode_local(
                     continue
                 try:
                     patches, grid = future.result()
-                except WorkerDied as e:
+                except LoadingFailed as e:
                     settle()
                     raise Fatal(f"{e}; {KEPT}") from None
                 except ValueError as e:

@@ -31,23 +31,34 @@ import torch.multiprocessing
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["LoadingProcesses", "WorkerDied"]
+__all__ = ["LoadingFailed", "LoadingProcesses"]
 
 # What a worker needs of packvit encode's settings (the rest stays in this process).
 SETTINGS = ("dtype", "resample", "max_decoded_pixels")
 
 OWNER_POLL_S = 1.0  # how often a worker checks that its run is still there
+START_TIMEOUT_S = 300.0  # the most the workers may take to start (import PyTorch, this package)
 
 _settings: tuple[Any, argparse.Namespace, dict[str, Any]] | None = None  # this worker's (config, args, rule)
 
 
-class WorkerDied(RuntimeError):
-    """A worker process ended while images were queued (killed, out of memory, a crash in a decoder)."""
+class LoadingFailed(RuntimeError):
+    """The worker processes cannot go on: one ended (killed, out of memory, a crash in a decoder), they could
+    not start, or a result could not be received here. Every image still queued fails so."""
 
 
-def _start(config: Any, args: argparse.Namespace, rule: dict[str, Any], owner: int) -> None:
+ENDED = "a loading process ended unexpectedly (killed, out of memory, or a crash in a decoder)"
+
+
+def _start(
+    config: Any,
+    args: argparse.Namespace,
+    rule: dict[str, Any],
+    owner: tuple[int, str | None],
+    everyone: Any,
+) -> None:
     global _settings
-    from . import shards  # noqa: F401  (imported now, while the run waits for its workers)
+    from . import shards  # noqa: F401  (imported now, before the run's clock starts)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent to handle
     threading.Thread(target=_end_with, args=(owner,), daemon=True).start()
@@ -55,24 +66,34 @@ def _start(config: Any, args: argparse.Namespace, rule: dict[str, Any], owner: i
     # --max-decoded-pixels is checked before PIL's own, looser bomb check, whose warning is noise here
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     _settings = (config, args, rule)
+    everyone.wait(timeout=START_TIMEOUT_S)  # every worker started before the first image is taken
 
 
-def _end_with(owner: int) -> None:
+def _identity(pid: int) -> tuple[int, str | None]:
+    """A process's pid and, where ``/proc`` tells it, its start time: a pid reused later has another."""
+    try:
+        return pid, Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return pid, None
+
+
+def _end_with(owner: tuple[int, str | None]) -> None:
     """End this worker once the process that started it is gone. A worker waiting for images would otherwise
     outlive a run killed with SIGKILL: its siblings keep the queue's pipe open, and its parent is the fork
     server, not the run."""
+    pid, started = owner
     while True:
         time.sleep(OWNER_POLL_S)
         try:
-            os.kill(owner, 0)
-        except ProcessLookupError:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):  # gone (or its pid now another user's)
             os._exit(1)
-        except PermissionError:  # the pid now belongs to another user's process: ours is gone
+        if started is not None and _identity(pid)[1] != started:  # gone, its pid reused
             os._exit(1)
 
 
 def _ready() -> None:
-    time.sleep(0.05)  # long enough that every worker takes one of these
+    """Nothing: run once per worker, after every worker's start."""
 
 
 def _load(source: bytes | str) -> tuple[Tensor, list[list[int]]]:
@@ -103,8 +124,9 @@ class LoadingProcesses:
         config, args, rule: the model's config, ``packvit encode``'s settings and the resize rule.
         pin: pin the patches (for a CUDA device).
 
-    A future raises the ``ValueError`` the image's preprocessing raised, or :class:`WorkerDied` if a worker
-    ended; then every image still queued fails so, and the caller should stop.
+    A future raises the ``ValueError`` the image's preprocessing raised, or :class:`LoadingFailed` (then every
+    image still queued fails so, and the caller should stop). Construction raises :class:`LoadingFailed` if
+    the workers cannot start.
     """
 
     def __init__(
@@ -120,18 +142,27 @@ class LoadingProcesses:
         context.set_forkserver_preload([__name__])
         settings = argparse.Namespace(**{name: getattr(args, name) for name in SETTINGS})
         self.source, self.pin, self.window = source, pin, 2 * workers
+        owner = _identity(os.getpid())
         self.pool = ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_start, initargs=(config, settings, rule, os.getpid())
-        )
-        # Started now, so that a run's clock leaves their start-up out, and a failure to start shows here.
-        for started in [self.pool.submit(_ready) for _ in range(workers)]:
-            started.result()
+            workers, mp_context=context, initializer=_start,
+            initargs=(config, settings, rule, owner, context.Barrier(workers)),
+        )  # fmt: skip
+        # Started now, so that the run's clock leaves their start-up out, and a failure to start shows here.
+        try:
+            for started in [self.pool.submit(_ready) for _ in range(workers)]:
+                started.result()
+        except BrokenProcessPool as e:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            raise LoadingFailed(
+                f"the loading processes could not start ({_cause(e)}); a script that calls packvit encode "
+                "with --processes needs the if __name__ == '__main__': guard"
+            ) from None
 
     def submit(self, item: Any) -> Future:
         out: Future = Future()
         try:
             source = self.source(item)
-        except BaseException as e:  # reading the item failed: its error, as a thread's load reports it
+        except Exception as e:  # reading the item failed: its error, as a thread's load reports it
             out.set_exception(e)
             return out
         if source is None:
@@ -140,26 +171,39 @@ class LoadingProcesses:
         try:
             done = self.pool.submit(_load, source)
         except BrokenProcessPool as e:
-            out.set_exception(WorkerDied(f"a loading process ended: {e}"))
+            out.set_exception(LoadingFailed(f"{ENDED}: {_cause(e)}"))
             return out
         done.add_done_callback(lambda f: self._finish(f, out))
         return out
 
     def _finish(self, done: Future, out: Future) -> None:
-        if done.cancelled():
-            out.cancel()
-            return
-        error = done.exception()
-        if isinstance(error, BrokenProcessPool):
-            out.set_exception(WorkerDied(f"a loading process ended: {error}"))
-        elif error is not None:
-            out.set_exception(error)
-        else:
-            patches, grid = done.result()
-            out.set_result(
-                (patches.pin_memory() if self.pin else patches, torch.tensor(grid, dtype=torch.int64))
-            )
+        """Resolve ``out`` from ``done``, whatever happens: this runs on the pool's thread, where an exception
+        would only be logged and ``out`` would never resolve."""
+        try:
+            if done.cancelled():
+                out.cancel()
+                return
+            error = done.exception()
+            if isinstance(error, BrokenProcessPool):
+                out.set_exception(LoadingFailed(f"{ENDED}: {_cause(error)}"))
+            elif error is not None:
+                out.set_exception(error)
+            else:
+                patches, grid = done.result()
+                pinned = patches.pin_memory() if self.pin else patches
+                out.set_result((pinned, torch.tensor(grid, dtype=torch.int64)))
+        except Exception as e:  # e.g. pinning failed
+            if not out.done():
+                out.set_exception(
+                    LoadingFailed(f"a loaded image could not be received: {type(e).__name__}: {e}")
+                )
 
     def close(self) -> None:
         """Stop: queued images are dropped (after Ctrl-C nothing more is decoded); waits for the processes."""
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cause(error: BaseException) -> str:
+    """What ended the pool, without BrokenProcessPool's own sentence."""
+    cause = error.__cause__
+    return f"{type(cause).__name__}: {cause}" if cause is not None else "no reason given"

@@ -70,6 +70,18 @@ def test_a_cuda_packing_equals_the_cpu_one(merge_size, window_size):
             assert torch.equal(there.cu_seqlens.cpu(), here.cu_seqlens) and there.lengths == here.lengths
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_packing_never_waits_for_the_gpu():
+    grid = [[1, 14, 20], [2, 8, 8], [1, 1, 1]]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        packing = Packing.from_grid(grid, 5, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert packing.patch_coords.device.type == "cuda"
+
+
 def test_insert_and_remove_prefix_round_trip():
     packing = Packing.from_grid([[1, 2, 2], [1, 1, 3]], num_prefix=3)
     patches, prefix = torch.randn(7, 5), torch.randn(3, 5)
@@ -165,7 +177,7 @@ def test_rotary_tables_are_kept_from_the_second_eval_forward_over_a_packing(tiny
     packing = model.pack(grid)
     with torch.inference_mode():
         first = model.positions(packing, torch.float32).rotary
-        assert all(v is None for v in packing.memo.values())  # used once: nothing kept
+        assert packing.memo and all(v is None for v in packing.memo.values())  # used once: a note only
         second = model.positions(packing, torch.float32).rotary
         third = model.positions(packing, torch.float32).rotary
         assert third[0] is second[0] and third[1] is second[1]  # kept from the second forward on

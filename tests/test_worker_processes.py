@@ -22,7 +22,7 @@ from shard_data import CORRUPT, as_files, samples, write_webdataset
 import packvit_native as pv
 from packvit_native.cli import main
 from packvit_native.shards import preprocess_bytes
-from packvit_native.worker_processes import LoadingProcesses, WorkerDied
+from packvit_native.worker_processes import LoadingFailed, LoadingProcesses
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +108,45 @@ def test_a_worker_that_dies_fails_what_is_queued(model_dir):
         assert loads.submit(None).result() is None
         for pid in list(loads.pool._processes):
             os.kill(pid, signal.SIGKILL)
-        with pytest.raises(WorkerDied, match="a loading process ended"):
+        with pytest.raises(LoadingFailed, match="a loading process ended"):
             for _ in range(4):
                 loads.submit(_jpeg(32)).result(timeout=60)
     finally:
         loads.close()
+
+
+def test_a_result_that_cannot_be_received_fails_its_image(model_dir, monkeypatch):
+    config = pv.from_pretrained(model_dir).config
+    args = argparse.Namespace(dtype="float32", resample=None, max_decoded_pixels=None)
+    rule = {"max_patches": None, "min_pixels": None, "max_pixels": None, "size": None}
+    loads = LoadingProcesses(lambda data: data, 1, config, args, rule, pin=True)
+
+    def no_pinned_memory(self):
+        raise RuntimeError("out of pinned memory")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", no_pinned_memory)
+    try:
+        with pytest.raises(LoadingFailed, match="could not be received: RuntimeError: out of pinned memory"):
+            loads.submit(_jpeg(32)).result(timeout=60)  # raises, rather than never resolving
+    finally:
+        loads.close()
+
+
+def _cannot_start():
+    raise RuntimeError("this worker cannot start")
+
+
+class Unstartable:
+    """Settings whose unpickling fails in the worker, as a worker that cannot start."""
+
+    def __reduce__(self):
+        return _cannot_start, ()
+
+
+def test_workers_that_cannot_start_say_so(model_dir):
+    args = argparse.Namespace(dtype="float32", resample=None, max_decoded_pixels=None)
+    with pytest.raises(LoadingFailed, match="the loading processes could not start"):
+        LoadingProcesses(lambda data: data, 2, Unstartable(), args, {}, pin=False)
 
 
 def test_a_run_whose_worker_dies_stops_and_resumes(model_dir, tmp_path, capsys, monkeypatch):
