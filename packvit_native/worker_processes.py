@@ -3,10 +3,11 @@
 Loading threads share the interpreter lock with the thread that gathers batches and launches the forward, and
 every tensor operation either side runs is a point where the other may take it: with a GPU, the forward then
 waits on the host. Worker processes have interpreters of their own. Each starts once, from a fork server (so
-no thread, lock or CUDA state of this process is copied into it), and receives the model's config and the
-resize settings once; per image it gets the encoded bytes (or a file's path) and returns ``(patches,
-grid_thw)`` in ``--dtype`` through shared memory (``torch.multiprocessing``). Here the patches are pinned for
-an asynchronous copy to the GPU, on the pool's own result thread, not on the main thread.
+no thread, lock or CUDA state of this process is copied into it; a fresh interpreter where there is none),
+and receives the model's config and the resize settings once; per image it gets the encoded bytes (or a
+file's path) and returns ``(patches, grid_thw)`` in ``--dtype`` through shared memory
+(``torch.multiprocessing``). Here the patches are pinned for an asynchronous copy to the GPU, on the pool's
+own result thread, not on the main thread.
 
 The patches are those the threads make: the same function (:func:`packvit_native.shards.preprocess_bytes`, or
 :func:`packvit_native.preprocess` for a file) runs in the worker.
@@ -138,8 +139,11 @@ class LoadingProcesses:
         rule: dict[str, Any],
         pin: bool,
     ) -> None:
-        context = torch.multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
+        if "forkserver" in torch.multiprocessing.get_all_start_methods():
+            context = torch.multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+        else:  # Windows: each worker starts a fresh interpreter
+            context = torch.multiprocessing.get_context("spawn")
         settings = argparse.Namespace(**{name: getattr(args, name) for name in SETTINGS})
         self.source, self.pin, self.window = source, pin, 2 * workers
         owner = _identity(os.getpid())
