@@ -47,7 +47,9 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import sys
+import threading
 import time
 import warnings
 from collections import deque
@@ -505,6 +507,55 @@ class Loads:
     def close(self) -> None:
         # after Ctrl-C, do not decode the queued images first
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def read_ahead(items: Iterable[Any], depth: int) -> Iterator[Any]:
+    """``items``, iterated in a thread of its own up to ``depth`` ahead of the caller, in order.
+
+    Reading shards (tar headers parsed in Python, members read) then leaves the thread that feeds the GPU,
+    and can go on while that thread waits for the device. An exception from ``items`` is raised here after
+    the items before it. Closing the returned generator (or leaving it by an exception) stops the thread,
+    which closes ``items`` (a generator: its open files) itself.
+    """
+    entries: queue.Queue[tuple[str, Any]] = queue.Queue(max(depth, 1))
+    stop = threading.Event()
+
+    def offer(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                entries.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        source = iter(items)
+        try:
+            for item in source:
+                if not offer(("item", item)):
+                    return
+            offer(("end", None))
+        except BaseException as e:  # handed to the caller, in order
+            offer(("error", e))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=run, name="packvit-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = entries.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
 
 
 def prefetch(

@@ -82,6 +82,7 @@ from .cli import (
     plural,
     prefetch,
     prepare_out,
+    read_ahead,
     read_manifest,
     read_output,
     reason,
@@ -113,6 +114,8 @@ __all__ = [
 SHARD_KINDS = {".tar": "webdataset", ".parquet": "parquet"}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # a sample's image member, first present wins
 META_EXTENSIONS = ("json", "txt")  # kept as text columns
+# Samples read ahead of the decoding, in a thread of their own (a few MB of encoded images at most).
+READ_AHEAD = 256
 RECORD_KEY = b"packvit"
 # Columns every shard output has; kept metadata may not take these names.
 BASE_COLUMNS = ("key", "grid_thw", "embedding", "image_embeds")
@@ -875,7 +878,13 @@ def _encode_local(
     writes = Writes()
     bar = tqdm(unit="img", desc="encode", disable=None)
     try:
-        with contextlib.closing(loads), contextlib.closing(prefetch(events(), loads)) as stream, bar:
+        samples = read_ahead(events(), READ_AHEAD)
+        with (
+            contextlib.closing(loads),
+            contextlib.closing(samples),
+            contextlib.closing(prefetch(samples, loads)) as stream,
+            bar,
+        ):
             tokens = 0
             for (result, sample), future in stream:
                 if sample is None:

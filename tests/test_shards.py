@@ -366,3 +366,38 @@ def test_a_failing_batch_is_retried_image_by_image(model_dir):
         alone = shards.encode_images(model, [one], args, torch.device("cpu"))[0]
         assert item.grid == alone.grid
         np.testing.assert_array_equal(item.rows["embedding"], alone.rows["embedding"])
+
+
+def test_read_ahead_keeps_order_errors_and_closes_its_source():
+    import threading
+
+    from packvit_native.cli import read_ahead
+
+    assert list(read_ahead(range(1000), 4)) == list(range(1000))
+
+    def failing():
+        yield from range(3)
+        raise ValueError("shard 7 is cut short")
+
+    seen = []
+    with pytest.raises(ValueError, match="cut short"):
+        for item in read_ahead(failing(), 2):
+            seen.append(item)
+    assert seen == [0, 1, 2]  # the error comes after the items before it
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()  # the source's open files would be closed here
+
+    stream = read_ahead(endless(), 2)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()
+    assert closed.is_set()
+    assert not [t for t in threading.enumerate() if t.name == "packvit-read-ahead"]
