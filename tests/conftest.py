@@ -2,6 +2,7 @@ import pytest
 import torch
 import transformers
 
+import packvit_native as pv
 from weights_convert.check import save_tiny_reference
 
 transformers.utils.logging.disable_progress_bar()
@@ -25,3 +26,12 @@ def tiny_reference(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_reference, tmp_path_factory):
+    """A tiny DINOv3 converted to our format, built once and only read (tests that change or move their model
+    define a fresh one of their own)."""
+    return pv.from_pretrained(tiny_reference("dinov3", "gelu")).save_pretrained(
+        tmp_path_factory.mktemp("model") / "model"
+    )

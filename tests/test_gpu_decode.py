@@ -15,7 +15,6 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 from shard_data import photo_like, samples, write_webdataset
 
-import packvit_native as pv
 from packvit_native import cli, gpu_decode
 from packvit_native.gpu_decode import GpuDecoder, gpu_route, orient
 from packvit_native.preprocess import MAX_DECODED_PIXELS
@@ -236,16 +235,6 @@ def test_decode_gpu_needs_torchvision_and_a_cuda_device(tmp_path, monkeypatch, c
     assert cli.main(argv) == 2
     assert (
         "--decode gpu decodes JPEGs on a CUDA device; this run's --device is cpu" in capsys.readouterr().err
-    )
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from weights_convert.check import save_tiny_reference
-
-    root = tmp_path_factory.mktemp("model")
-    return pv.from_pretrained(save_tiny_reference("dinov3", "gelu", root / "hf")).save_pretrained(
-        root / "model"
     )
 
 

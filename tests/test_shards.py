@@ -27,15 +27,6 @@ WDS_SHARDS, PER_SHARD = 3, 5
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from weights_convert.check import save_tiny_reference
-
-    root = tmp_path_factory.mktemp("model")
-    src = save_tiny_reference("dinov3", "gelu", root / "hf")
-    return pv.from_pretrained(src).save_pretrained(root / "model")
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     write_webdataset(root / "wds", WDS_SHARDS, PER_SHARD)

@@ -25,15 +25,6 @@ from packvit_native.shards import preprocess_bytes
 from packvit_native.worker_processes import LoadingFailed, LoadingProcesses
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from weights_convert.check import save_tiny_reference
-
-    root = tmp_path_factory.mktemp("model")
-    src = save_tiny_reference("dinov3", "gelu", root / "hf")
-    return pv.from_pretrained(src).save_pretrained(root / "model")
-
-
 def _encode(*args) -> int:
     return main(["encode", *map(str, args), "--device", "cpu", "--workers", "2"])
 
