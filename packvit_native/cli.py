@@ -1082,11 +1082,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     enc.add_argument(
         "--graphs", action="store_true",
-        help=f"CUDA: replay the transformer blocks from CUDA graphs captured at --max-tokens and a quarter of "
-        f"it: one launch per batch instead of hundreds, so the host threads that read and decode images slow the "
-        f"model less. Batches of more than {GRAPH_SEGMENTS} images (frames), an image longer than "
-        "--max-tokens, and every batch with --layers run as usual. Features equal the plain forward's up to bfloat16 rounding (best with --attn-backend fa4, "
-        "whose kernels launch for the tokens present; other kernels launch for --max-tokens per image)",
+        help="CUDA: replay the transformer blocks from CUDA graphs captured at --max-tokens and a quarter of "
+        "it: one launch per batch instead of hundreds, so the host threads that read and decode images slow "
+        f"the model less. Batches of more than {GRAPH_SEGMENTS} images (frames), an image longer than "
+        "--max-tokens, and every batch with --layers run as usual. Features equal the plain forward's up to "
+        "bfloat16 rounding (best with --attn-backend fa4, whose kernels launch for the tokens present; other "
+        "kernels launch for --max-tokens per image)",
     )  # fmt: skip
     enc.add_argument(
         "--max-tokens", type=_positive_int, default=16384,
