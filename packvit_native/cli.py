@@ -82,6 +82,12 @@ MANIFEST_VERSION = 2
 # FA4 launches for the tokens present plus a tile per segment, so a generous bound costs little; batches of
 # more, smaller images run eagerly.
 GRAPH_SEGMENTS = 128
+# How long a thread may hold the interpreter lock while another waits for it. Every tensor operation releases
+# the lock, and a thread that wants it back after one (the thread launching the forward, a loader, a pool's
+# result thread) waits up to this long while another runs Python. Python's default of 5 ms let the loaders
+# starve the thread that feeds the GPU: on one H100 (benchmarks/encode_pipeline.py --attn-backend fa4
+# --graphs, 16 cores) 1 ms took --decode cpu from 212 to 254 img/s and --decode gpu from 455 to 483.
+SWITCH_INTERVAL_S = 0.001
 
 
 class Fatal(Exception):
@@ -808,9 +814,24 @@ def encode(args: argparse.Namespace) -> int:
 
     kind = shards.input_kind(args.inputs)
     check_options(args, kind)
-    if kind != "files":
-        return shards.encode_shards(args, kind, _say)
-    return _encode_files(args)
+    with handoffs_every(SWITCH_INTERVAL_S if args.engine == "local" else None):
+        if kind != "files":
+            return shards.encode_shards(args, kind, _say)
+        return _encode_files(args)
+
+
+@contextlib.contextmanager
+def handoffs_every(seconds: float | None) -> Iterator[None]:
+    """Set the interpreter's switch interval for the block (``None``: leave it), and restore it after."""
+    if seconds is None:
+        yield
+        return
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def check_options(args: argparse.Namespace, kind: str) -> None:

@@ -186,3 +186,28 @@ def test_fp8_is_a_setting_of_the_folder(tiny_reference, folder, tmp_path, capsys
     # features made without FP8 would differ: such a rerun into the folder is refused
     assert _encode("--model", src, "--out", out, folder / "c.png", "--dtype", "bfloat16") == 2
     assert "differing: precision" in capsys.readouterr().err
+
+
+def test_local_run_hands_the_interpreter_over_often_and_restores_it(
+    tiny_reference, folder, tmp_path, monkeypatch
+):
+    import sys
+
+    from packvit_native import cli
+
+    seen = []
+    run_files = cli._encode_files
+
+    def observed(args):
+        seen.append(sys.getswitchinterval())
+        return run_files(args)
+
+    monkeypatch.setattr(cli, "_encode_files", observed)
+    before = sys.getswitchinterval()
+    assert before != cli.SWITCH_INTERVAL_S
+    assert _encode("--model", tiny_reference("dinov3", "gelu"), "--out", tmp_path / "f", folder) == 1
+    assert seen == [cli.SWITCH_INTERVAL_S]
+    assert sys.getswitchinterval() == before
+    # and restored when the run fails
+    assert _encode("--model", tmp_path / "missing", "--out", tmp_path / "g", folder) == 2
+    assert sys.getswitchinterval() == before

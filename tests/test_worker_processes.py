@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from shard_data import CORRUPT, as_files, samples, write_webdataset
 
 import packvit_native as pv
+from packvit_native import worker_processes
 from packvit_native.cli import main
 from packvit_native.shards import preprocess_bytes
 from packvit_native.worker_processes import LoadingFailed, LoadingProcesses
@@ -106,19 +108,70 @@ def test_a_worker_that_dies_fails_what_is_queued(model_dir):
         loads.close()
 
 
+def _settings(model_dir):
+    config = pv.from_pretrained(model_dir).config
+    args = argparse.Namespace(dtype="float32", resample=None, max_decoded_pixels=None)
+    rule = {"max_patches": None, "min_pixels": None, "max_pixels": None, "size": None}
+    return config, args, rule
+
+
+def test_patches_come_back_through_the_shared_slots(model_dir, monkeypatch):
+    config, args, rule = _settings(model_dir)
+    small, large = _jpeg(32), _jpeg(96)
+    want = {side: preprocess_bytes(_jpeg(side), config, args, rule) for side in (32, 96)}
+    # slots that hold the small image's patches and not the large one's, which travel on their own
+    monkeypatch.setattr(worker_processes, "SLOT_BYTES", want[32][0].numel() * 4)
+    loads = LoadingProcesses(lambda data: data, 2, config, args, rule, pin=False)
+    try:
+        assert loads.slots is not None and len(loads.free) == loads.window + 1
+        patches, grid = loads.submit(small).result(timeout=120)
+        assert torch.equal(patches, want[32][0]) and torch.equal(grid, want[32][1])
+        written = loads.slots[0].view(torch.float32)  # the first free slot, written by the worker
+        assert torch.equal(written, want[32][0].reshape(-1))
+        results = [loads.submit(data) for data in [large, small, b"not an image"] * 3]
+        for f, side in zip(results, [96, 32, None] * 3, strict=True):
+            if side is None:
+                with pytest.raises(ValueError, match="cannot read image"):
+                    f.result(timeout=60)
+            else:
+                patches, grid = f.result(timeout=60)
+                assert torch.equal(patches, want[side][0]) and torch.equal(grid, want[side][1])
+        assert sorted(loads.free) == list(range(loads.window + 1))  # every slot free again
+    finally:
+        loads.close()
+
+
+def test_without_room_for_the_slots_patches_travel_on_their_own(model_dir, monkeypatch):
+    config, args, rule = _settings(model_dir)
+    monkeypatch.setattr(worker_processes, "SLOT_BYTES", 1 << 50)  # more than any /dev/shm holds
+    loads = LoadingProcesses(lambda data: data, 1, config, args, rule, pin=False)
+    try:
+        assert loads.slots is None and not loads.free
+        patches, grid = loads.submit(_jpeg(40)).result(timeout=120)
+        here = preprocess_bytes(_jpeg(40), config, args, rule)
+        assert torch.equal(patches, here[0]) and torch.equal(grid, here[1])
+    finally:
+        loads.close()
+
+
 def test_a_result_that_cannot_be_received_fails_its_image(model_dir, monkeypatch):
     config = pv.from_pretrained(model_dir).config
     args = argparse.Namespace(dtype="float32", resample=None, max_decoded_pixels=None)
     rule = {"max_patches": None, "min_pixels": None, "max_pixels": None, "size": None}
     loads = LoadingProcesses(lambda data: data, 1, config, args, rule, pin=True)
 
-    def no_pinned_memory(self):
+    def no_pinned_memory(*args, **kwargs):
         raise RuntimeError("out of pinned memory")
 
+    # pinned memory runs out, for patches copied out of their slot and for those shared on their own
+    monkeypatch.setattr(LoadingProcesses, "_allocate", no_pinned_memory)
     monkeypatch.setattr(torch.Tensor, "pin_memory", no_pinned_memory)
     try:
-        with pytest.raises(LoadingFailed, match="could not be received: RuntimeError: out of pinned memory"):
-            loads.submit(_jpeg(32)).result(timeout=60)  # raises, rather than never resolving
+        for slots in (loads.slots, None):
+            loads.slots = slots
+            loads.free = deque(range(loads.window + 1) if slots is not None else ())
+            with pytest.raises(LoadingFailed, match="could not be received: RuntimeError: out of pinned"):
+                loads.submit(_jpeg(32)).result(timeout=60)  # raises, rather than never resolving
     finally:
         loads.close()
 
