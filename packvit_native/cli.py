@@ -822,7 +822,9 @@ def encode(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def handoffs_every(seconds: float | None) -> Iterator[None]:
-    """Set the interpreter's switch interval for the block (``None``: leave it), and restore it after."""
+    """Set the interpreter's switch interval for the block (``None``: leave it), and restore it after. The
+    interval is the process's: two runs at once in one process (threads calling ``main``) leave the last
+    restored value."""
     if seconds is None:
         yield
         return

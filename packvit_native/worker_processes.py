@@ -9,11 +9,12 @@ file's path) and returns ``(patches, grid_thw)`` in ``--dtype``.
 
 The patches come back through slots of shared memory made once for the run, one per image in flight: the
 run picks a free slot when it hands an image out, the worker writes the patches into it and returns only
-their shape, and the pool's result thread copies them out (into pinned memory, for an asynchronous copy to
-the GPU) and frees the slot. Sharing each image's tensor on its own (``torch.multiprocessing``) made a new
-shared-memory segment and passed its descriptor per image: about 20 ms for a 1024 x 1024 image's 6 MB on a
-2-core machine, more than decoding it. The slots take ``2 * workers + 1`` times 8 MiB of ``/dev/shm``;
-patches larger than a slot, or every image where there is no room for the slots, still travel that way.
+their shape, and the pool's result thread copies them out (into pinned memory on a CUDA run, for an
+asynchronous copy to the GPU) and frees the slot. Sharing each image's tensor on its own
+(``torch.multiprocessing``) made a new shared-memory segment and passed its descriptor per image: about 20 ms
+for a 1024 x 1024 image's 6 MB on a 2-core machine, more than decoding it. The slots take ``2 * workers + 1`` times 8 MiB of ``/dev/shm``;
+patches larger than a slot, or every image where ``/dev/shm`` has less than twice the slots' size free, still
+travel that way.
 
 The patches are those the threads make: the same function (:func:`packvit_native.shards.preprocess_bytes`, or
 :func:`packvit_native.preprocess` for a file) runs in the worker.
@@ -46,7 +47,10 @@ __all__ = ["LoadingFailed", "LoadingProcesses"]
 # What a worker needs of packvit encode's settings (the rest stays in this process).
 SETTINGS = ("dtype", "resample", "max_decoded_pixels")
 
-SLOT_BYTES = 8 << 20  # a 1024 x 1024 image's patches in bfloat16 (6 MiB for 16-pixel patches) fit
+# A 1024 x 1024 image of one frame is 6 MiB of patches in bfloat16 or float16 (3 * 1024 * 1024 values, the
+# patch size does not matter): the GPU's default. float32 patches, or two-frame patches (Qwen-VL), of an image
+# that size take 12 MiB and travel as tensors of their own.
+SLOT_BYTES = 8 << 20
 SHM = Path("/dev/shm")  # where the slots live on Linux (PyTorch's shared memory)
 OWNER_POLL_S = 1.0  # how often a worker checks that its run is still there
 START_TIMEOUT_S = 300.0  # the most the workers may take to start (import PyTorch, this package)
@@ -210,13 +214,21 @@ class LoadingProcesses:
         if source is None:
             out.set_result(None)
             return out
-        slot = self.free.popleft() if self.free else None
+        try:
+            slot: int | None = self.free.popleft()
+        except (
+            IndexError
+        ):  # cannot happen through prefetch (see __init__); the patches then travel on their own
+            slot = None
         try:
             done = self.pool.submit(_load, source, slot)
         except BrokenProcessPool as e:
             self._release(slot)
             out.set_exception(LoadingFailed(f"{ENDED}: {_cause(e)}"))
             return out
+        except BaseException:  # e.g. submitted after close(): the slot is not lost
+            self._release(slot)
+            raise
         done.add_done_callback(lambda f: self._finish(f, out, slot))
         return out
 
@@ -261,8 +273,11 @@ class LoadingProcesses:
             out.set_result(result)
 
     def close(self) -> None:
-        """Stop: queued images are dropped (after Ctrl-C nothing more is decoded); waits for the processes."""
+        """Stop: queued images are dropped (after Ctrl-C nothing more is decoded); waits for the processes,
+        then lets the shared slots go (every result callback has run by then)."""
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.slots = None
+        self.free.clear()
 
 
 def _cause(error: BaseException) -> str:

@@ -22,7 +22,7 @@ from shard_data import CORRUPT, as_files, samples, write_webdataset
 
 import packvit_native as pv
 from packvit_native import worker_processes
-from packvit_native.cli import main
+from packvit_native.cli import main, prefetch
 from packvit_native.shards import preprocess_bytes
 from packvit_native.worker_processes import LoadingFailed, LoadingProcesses
 
@@ -108,25 +108,30 @@ def test_a_worker_that_dies_fails_what_is_queued(model_dir):
         loads.close()
 
 
-def _settings(model_dir):
+def _settings(model_dir, dtype="float32"):
     config = pv.from_pretrained(model_dir).config
-    args = argparse.Namespace(dtype="float32", resample=None, max_decoded_pixels=None)
+    args = argparse.Namespace(dtype=dtype, resample=None, max_decoded_pixels=None)
     rule = {"max_patches": None, "min_pixels": None, "max_pixels": None, "size": None}
     return config, args, rule
 
 
-def test_patches_come_back_through_the_shared_slots(model_dir, monkeypatch):
-    config, args, rule = _settings(model_dir)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_patches_come_back_through_the_shared_slots(model_dir, monkeypatch, dtype):
+    config, args, rule = _settings(model_dir, dtype)
     small, large = _jpeg(32), _jpeg(96)
-    want = {side: preprocess_bytes(_jpeg(side), config, args, rule) for side in (32, 96)}
+    want = {}
+    for side in (32, 96):
+        patches, grid = preprocess_bytes(_jpeg(side), config, args, rule)
+        want[side] = patches.to(getattr(torch, dtype)), grid
     # slots that hold the small image's patches and not the large one's, which travel on their own
-    monkeypatch.setattr(worker_processes, "SLOT_BYTES", want[32][0].numel() * 4)
+    monkeypatch.setattr(worker_processes, "SLOT_BYTES", want[32][0].numel() * want[32][0].element_size())
     loads = LoadingProcesses(lambda data: data, 2, config, args, rule, pin=False)
     try:
         assert loads.slots is not None and len(loads.free) == loads.window + 1
         patches, grid = loads.submit(small).result(timeout=120)
+        assert patches.dtype == want[32][0].dtype
         assert torch.equal(patches, want[32][0]) and torch.equal(grid, want[32][1])
-        written = loads.slots[0].view(torch.float32)  # the first free slot, written by the worker
+        written = loads.slots[0].view(want[32][0].dtype)  # the first free slot, written by the worker
         assert torch.equal(written, want[32][0].reshape(-1))
         results = [loads.submit(data) for data in [large, small, b"not an image"] * 3]
         for f, side in zip(results, [96, 32, None] * 3, strict=True):
@@ -135,10 +140,36 @@ def test_patches_come_back_through_the_shared_slots(model_dir, monkeypatch):
                     f.result(timeout=60)
             else:
                 patches, grid = f.result(timeout=60)
+                assert patches.dtype == want[side][0].dtype
                 assert torch.equal(patches, want[side][0]) and torch.equal(grid, want[side][1])
         assert sorted(loads.free) == list(range(loads.window + 1))  # every slot free again
     finally:
         loads.close()
+
+
+def test_prefetch_always_finds_a_free_slot(model_dir, monkeypatch):
+    """Through prefetch (as packvit encode submits), every image comes back through a slot, and a slot is
+    still taken while its patches are copied out."""
+    config, args, rule = _settings(model_dir, "bfloat16")
+    received, receive = [], LoadingProcesses._received
+
+    def watched(self, patches, slot):
+        received.append((isinstance(patches, torch.Tensor), slot is not None and slot in self.free))
+        return receive(self, patches, slot)
+
+    monkeypatch.setattr(LoadingProcesses, "_received", watched)
+    images = [_jpeg(24 + 8 * (i % 5)) for i in range(40)]
+    loads = LoadingProcesses(lambda data: data, 2, config, args, rule, pin=False)
+    try:
+        for i, (data, future) in enumerate(prefetch(images, loads)):
+            patches, grid = future.result(timeout=120)
+            want = preprocess_bytes(data, config, args, rule)
+            assert torch.equal(patches, want[0].to(torch.bfloat16)) and torch.equal(grid, want[1])
+            if i % 7 == 0:
+                time.sleep(0.05)  # a slow consumer lets the workers run ahead
+    finally:
+        loads.close()
+    assert received == [(False, False)] * len(images)  # no tensor on its own; no slot freed before its copy
 
 
 def test_without_room_for_the_slots_patches_travel_on_their_own(model_dir, monkeypatch):
@@ -225,7 +256,7 @@ def write_then_hang(*args, **kwargs):
     real_write(*args, **kwargs)
     time.sleep(600)  # SIGKILL comes while this run and its workers are alive
 shards.write_shard = write_then_hang
-from packvit_native.cli import main
+from packvit_native.cli import main, prefetch
 sys.exit(main(sys.argv[1:]))
 """
 
