@@ -12,9 +12,9 @@ run picks a free slot when it hands an image out, the worker writes the patches 
 their shape, and the pool's result thread copies them out (into pinned memory on a CUDA run, for an
 asynchronous copy to the GPU) and frees the slot. Sharing each image's tensor on its own
 (``torch.multiprocessing``) made a new shared-memory segment and passed its descriptor per image: about 20 ms
-for a 1024 x 1024 image's 6 MB on a 2-core machine, more than decoding it. The slots take ``2 * workers + 1`` times 8 MiB of ``/dev/shm``;
-patches larger than a slot, or every image where ``/dev/shm`` has less than twice the slots' size free, still
-travel that way.
+for a 1024 x 1024 image's 6 MB on a 2-core machine, more than decoding it. The slots take ``2 * workers + 1``
+times 8 MiB of ``/dev/shm``; patches larger than a slot, or every image where ``/dev/shm`` has less than twice
+the slots' size free, still travel that way.
 
 The patches are those the threads make: the same function (:func:`packvit_native.shards.preprocess_bytes`, or
 :func:`packvit_native.preprocess` for a file) runs in the worker.
@@ -214,11 +214,10 @@ class LoadingProcesses:
         if source is None:
             out.set_result(None)
             return out
+        # No free slot cannot happen through prefetch (see __init__); the patches would travel on their own.
         try:
             slot: int | None = self.free.popleft()
-        except (
-            IndexError
-        ):  # cannot happen through prefetch (see __init__); the patches then travel on their own
+        except IndexError:
             slot = None
         try:
             done = self.pool.submit(_load, source, slot)
