@@ -63,7 +63,8 @@ def temp_name(name: str) -> str:
     return f".{name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -121,15 +122,15 @@ def write_file(path: Path, write: Callable[[Path], None], *, exclusive: bool = F
     tmp = path.parent / temp_name(path.name)
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     try:
-        with _locked(tmp) as fd:
+        with _locked(tmp):
             write(tmp)
-            os.fsync(fd)
+            _fsync(tmp)  # by name: the file there now, even if a writer replaced the one it was given
             os.chmod(tmp, new_file_mode())
             if exclusive:
                 _claim(tmp, path)
             else:
                 os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -185,14 +186,10 @@ def replace_dir(out: Path, fill: Callable[[Path], None], *, force: bool = False)
 def _fill_and_place(tmp: Path, out: Path, fill: Callable[[Path], None]) -> None:
     fill(tmp)
     for f in tmp.iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(f)
         os.chmod(f, new_file_mode())
     os.chmod(tmp, new_dir_mode())
-    _fsync_dir(tmp)
+    _fsync(tmp)
     if not out.exists():
         os.rename(tmp, out)
     elif _exchange(tmp, out):
@@ -202,7 +199,7 @@ def _fill_and_place(tmp: Path, out: Path, fill: Callable[[Path], None]) -> None:
         os.rename(out, aside)
         os.rename(tmp, out)
         shutil.rmtree(aside)
-    _fsync_dir(out.parent)
+    _fsync(out.parent)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -51,6 +51,7 @@ import queue
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -62,7 +63,7 @@ from typing import Any
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -142,9 +143,14 @@ def reason(e: BaseException) -> str:
 def save_tensors(
     path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], exclusive: bool = False
 ) -> None:
-    """Write one safetensors file all or nothing (see :func:`atomic.write_file`); ``Fatal`` if it fails."""
+    """Write one safetensors file all or nothing (see :func:`atomic.write_file`); ``Fatal`` if it fails.
+
+    The bytes are made in memory and written into the locked temporary file itself: ``save_file`` writes a
+    file of its own and renames it over the path it is given, which would leave the lock and the ``fsync`` on
+    an emptied file and, after a kill, a stray temporary of safetensors' own naming."""
     try:
-        atomic.write_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), exclusive=exclusive)
+        data = save(tensors, metadata=metadata)
+        atomic.write_file(path, lambda tmp: tmp.write_bytes(data), exclusive=exclusive)
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as a SafetensorError
         if exclusive and isinstance(e, FileExistsError):
             raise  # the name is taken: the caller claims another
@@ -1232,6 +1238,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("packvit encode: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception:  # a defect of ours or a library's: never exit 1, which means "some images unreadable"
+        traceback.print_exc()
+        print(f"packvit encode: error: unexpected failure, traceback above; {KEPT}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

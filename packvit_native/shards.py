@@ -612,7 +612,14 @@ def write_shard(
             elif not images and column == "embedding":
                 columns[column] = _fixed_list(pa, np.zeros((0, config.hidden_size), np.float32))
         for column, kind in metas.items():
-            columns[column] = pa.array([meta.get(column) for _, _, _, meta in images], kind)
+            try:
+                columns[column] = pa.array([meta.get(column) for _, _, _, meta in images], kind)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # the type comes from the first shard
+                raise Fatal(
+                    f"--keep-columns {column}: {result.shard.path} holds values that do not fit the column's "
+                    f"type in the first shard ({kind}): {e}; drop the column or encode such shards apart; "
+                    f"{KEPT}"
+                ) from None
         record = _record(result, manifest, config, tokens)
         table = pa.table(columns).replace_schema_metadata({RECORD_KEY: json.dumps(record)})
         atomic.write_file(out / f"{name}.parquet", lambda tmp: pa.parquet.write_table(table, tmp))

@@ -88,11 +88,13 @@ def _start(
 
 
 def _identity(pid: int) -> tuple[int, str | None]:
-    """A process's pid and, where ``/proc`` tells it, its start time: a pid reused later has another."""
+    """A process's pid and, where ``/proc`` tells it, its start time: a pid reused later has another. A process
+    that has ended but is not yet reaped (a zombie, state ``Z``) has no identity: it is gone."""
     try:
-        return pid, Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
         return pid, None
+    return pid, None if fields[0] in ("Z", "X") or len(fields) < 20 else fields[19]
 
 
 def _end_with(owner: tuple[int, str | None]) -> None:
@@ -106,7 +108,7 @@ def _end_with(owner: tuple[int, str | None]) -> None:
             os.kill(pid, 0)
         except (ProcessLookupError, PermissionError):  # gone (or its pid now another user's)
             os._exit(1)
-        if started is not None and _identity(pid)[1] != started:  # gone, its pid reused
+        if started is not None and _identity(pid)[1] != started:  # ended (a zombie), or its pid reused
             os._exit(1)
 
 

@@ -1,5 +1,6 @@
 """All-or-nothing writes: every failure point of a file or folder write leaves the old version whole."""
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -190,3 +191,27 @@ def test_umask_is_read_without_changing_it():
         assert os.umask(0o027) == 0o027
     finally:
         os.umask(old)
+
+
+def test_safetensors_are_written_into_the_locked_file_that_is_renamed(tmp_path, monkeypatch):
+    """save_tensors writes its bytes in place: the file locked and flushed is the one that takes the name (not
+    a file of the library's own renamed over it, which left the lock and fsync on an emptied file)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from packvit_native.cli import save_tensors
+
+    locked, real_locked = [], atomic._locked
+
+    @contextlib.contextmanager
+    def watched(path):
+        with real_locked(path) as fd:
+            locked.append(os.fstat(fd).st_ino)
+            yield fd
+
+    monkeypatch.setattr(atomic, "_locked", watched)
+    target = tmp_path / "t.safetensors"
+    save_tensors(target, {"x": torch.arange(6.0)}, {"k": "v"})
+    assert locked == [target.stat().st_ino]
+    assert torch.equal(load_file(target)["x"], torch.arange(6.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]

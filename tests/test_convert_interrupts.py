@@ -134,7 +134,12 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_old_out(tiny_reference, tmp_path
     elif phase == "writing":
         monkeypatch.setattr(io, "save_file", ctrl_c_after(io.save_file))
     else:  # the new folder is complete and flushed, about to be swapped in
-        monkeypatch.setattr(atomic, "_fsync_dir", ctrl_c_after(atomic._fsync_dir))
+        fsync = atomic._fsync
+
+        def fsync_then_ctrl_c_at_the_folder(path):
+            (ctrl_c_after(fsync) if Path(path).is_dir() else fsync)(path)
+
+        monkeypatch.setattr(atomic, "_fsync", fsync_then_ctrl_c_at_the_folder)
     assert convert_cli([str(src), str(out), "--force", "--dtype", "bfloat16"]) == 130
     captured = capsys.readouterr()
     assert captured.err == "packvit-convert: interrupted\n" and captured.out == ""

@@ -127,17 +127,18 @@ def test_interrupted_run_leaves_whole_files_and_resumes(
 
     src = tiny_reference("dinov3", "gelu")
     out = tmp_path / "features"
-    real_save, calls = cli.save_file, []
+    real_write, calls = cli.atomic.write_file, []
 
-    def save_then_interrupt(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 2:
-            with open(path, "wb") as f:  # half a file, then the user presses Ctrl-C
-                f.write(b"partial")
-            raise KeyboardInterrupt
-        real_save(tensors, path, metadata=metadata)
+    def half_written(tmp):
+        tmp.write_bytes(b"partial")  # half a file, then the user presses Ctrl-C
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "save_file", save_then_interrupt)
+    def write_then_interrupt(path, write, **kwargs):
+        if path.suffix == ".safetensors":
+            calls.append(path)
+        real_write(path, half_written if len(calls) == 2 else write, **kwargs)
+
+    monkeypatch.setattr(cli.atomic, "write_file", write_then_interrupt)
     capsys.readouterr()
     assert _encode("--model", src, "--out", out, folder, "--max-tokens", 1) == 130
     err = capsys.readouterr().err
@@ -145,7 +146,7 @@ def test_interrupted_run_leaves_whole_files_and_resumes(
     assert "Traceback" not in err
     assert len(list(out.rglob("*.safetensors"))) == 1
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]
-    monkeypatch.setattr(cli, "save_file", real_save)
+    monkeypatch.setattr(cli.atomic, "write_file", real_write)
     assert _encode("--model", src, "--out", out, folder) == 1  # broken.jpg is still unreadable
     assert "skipping 1 of 5 images, already in" in capsys.readouterr().err
     assert len(list(out.rglob("*.safetensors"))) == len(SIZES)
@@ -211,3 +212,15 @@ def test_local_run_hands_the_interpreter_over_often_and_restores_it(
     # and restored when the run fails
     assert _encode("--model", tmp_path / "missing", "--out", tmp_path / "g", folder) == 2
     assert len(seen) == 2 and sys.getswitchinterval() == before  # the failure came inside the run
+
+
+def test_an_unexpected_failure_exits_2_not_1(tiny_reference, folder, tmp_path, monkeypatch, capsys):
+    from packvit_native import cli
+
+    def defect(args):
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(cli, "_encode_files", defect)
+    assert _encode("--model", tiny_reference("dinov3", "gelu"), "--out", tmp_path / "f", folder) == 2
+    err = capsys.readouterr().err
+    assert "RuntimeError: a defect" in err and "packvit encode: error: unexpected failure" in err

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import packvit_native as pv
 import packvit_native.cli as cli
@@ -71,16 +71,16 @@ def test_a_part_number_claimed_meanwhile_is_left_alone(tiny_reference, tmp_path,
     first write; this run must store its batch under the next number."""
     model_dir = pv.from_pretrained(tiny_reference("dinov3", "gelu")).save_pretrained(tmp_path / "model")
     images, out = _images(tmp_path / "images", "x", 2), tmp_path / "out"
-    real_save, claimed = cli.save_file, []
+    real_save, claimed = cli.save, []
 
-    def another_run_claims_first(tensors, path, metadata=None):
+    def another_run_claims_first(tensors, metadata=None):
         if not claimed:
             theirs = {"grid_thw": torch.tensor([[1, 1, 1]]), "features": torch.zeros(1, 32)}
-            real_save(theirs, out / "part-00000.safetensors", metadata={"names": '["theirs"]'})
+            save_file(theirs, out / "part-00000.safetensors", metadata={"names": '["theirs"]'})
             claimed.append(True)
-        real_save(tensors, path, metadata=metadata)
+        return real_save(tensors, metadata=metadata)
 
-    monkeypatch.setattr(cli, "save_file", another_run_claims_first)
+    monkeypatch.setattr(cli, "save", another_run_claims_first)
     args = ["encode", "--model", str(model_dir), "--out", str(out), str(images), "--format", "packed"]
     assert cli.main([*args, "--max-tokens", "1", "--device", "cpu"]) == 0
     with safe_open(out / "part-00000.safetensors", "pt") as f:

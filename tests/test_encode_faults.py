@@ -72,22 +72,24 @@ def test_full_disk_is_one_line_exit_2_and_keeps_what_was_written(
     model_dir, tmp_path, monkeypatch, capsys, error
 ):
     images, out = _images(tmp_path / "images", 3), tmp_path / "out"
-    real_save, calls = cli.save_file, []
+    real_write, calls = cli.atomic.write_file, []
 
-    def fill_disk_on_second_file(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 2:
-            Path(path).write_bytes(b"half a file")
-            raise error
-        real_save(tensors, path, metadata=metadata)
+    def half_then_full(tmp):
+        Path(tmp).write_bytes(b"half a file")
+        raise error
 
-    monkeypatch.setattr(cli, "save_file", fill_disk_on_second_file)
+    def fill_disk_on_second_file(path, write, **kwargs):
+        if path.suffix == ".safetensors":
+            calls.append(path)
+        real_write(path, half_then_full if len(calls) == 2 else write, **kwargs)
+
+    monkeypatch.setattr(cli.atomic, "write_file", fill_disk_on_second_file)
     assert _encode("--model", model_dir, "--out", out, images, "--max-tokens", 1) == 2
     [line] = _errors(capsys.readouterr().err)
     assert "img001.safetensors" in line and "No space left on device" in line and "rerun" in line
     assert [p.name for p in out.glob("*.safetensors")] == ["img000.safetensors"]
     assert not _leftovers(out)
-    monkeypatch.setattr(cli, "save_file", real_save)
+    monkeypatch.setattr(cli.atomic, "write_file", real_write)
     assert _encode("--model", model_dir, "--out", out, images) == 0
     assert "skipping 1 of 3 images" in capsys.readouterr().err
     assert len(list(out.glob("*.safetensors"))) == 3
@@ -138,13 +140,15 @@ def test_corrupt_model_is_one_line_exit_2(model_dir, tmp_path, capsys, damage):
 SLOW_ENCODE = """
 import sys, time
 import packvit_native.cli as cli
-real_save = cli.save_file
-def slow_save(tensors, path, metadata=None):
-    with open(path, "wb") as f:  # a half-written temp file is on disk while the signal comes
-        f.write(b"partial")
-    time.sleep(0.3)
-    real_save(tensors, path, metadata=metadata)
-cli.save_file = slow_save
+real_write = cli.atomic.write_file
+def slow_write(path, write, **kwargs):
+    def slowly(tmp):
+        with open(tmp, "wb") as f:  # a half-written temp file is on disk while the signal comes
+            f.write(b"partial")
+        time.sleep(0.3)
+        write(tmp)
+    real_write(path, slowly if path.suffix == ".safetensors" else write, **kwargs)
+cli.atomic.write_file = slow_write
 sys.exit(cli.main(sys.argv[1:]))
 """
 

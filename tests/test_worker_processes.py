@@ -278,7 +278,10 @@ def _descendants(pid: int) -> set[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
-def test_workers_end_with_a_run_killed_by_sigkill(model_dir, tmp_path):
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_workers_end_with_a_run_killed_by_sigkill(model_dir, tmp_path, reaped):
+    """Also while the killed run is a zombie not yet reaped: a parent reading its output before reaping it
+    (subprocess.run with capture_output) would otherwise wait for the workers forever."""
     write_webdataset(tmp_path / "wds", shards=2, per_shard=5)
     args = ["encode", "--model", str(model_dir), "--out", str(tmp_path / "out"), "--device", "cpu"]
     args += [str(tmp_path / "wds" / "{00000..00001}.tar"), "--processes", "--workers", "2"]
@@ -291,8 +294,10 @@ def test_workers_end_with_a_run_killed_by_sigkill(model_dir, tmp_path):
     workers = _descendants(proc.pid)
     assert len(workers) >= 3  # the fork server and two workers (and the resource tracker)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    if reaped:
+        proc.wait(timeout=60)
     deadline = time.monotonic() + 30
     while workers & {int(p.name) for p in Path("/proc").glob("[0-9]*")}:
         assert time.monotonic() < deadline, f"left running: {sorted(workers)}"
         time.sleep(0.2)
+    proc.communicate(timeout=60)  # returns: no worker holds the run's stderr any more
