@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import re
@@ -239,6 +240,7 @@ def read_webdataset(path: Path) -> Iterator[Sample]:
     ends = {"marker": False}
     key: str | None = None
     members: dict[str, bytes] = {}
+    repeated: str | None = None  # a member name of the current key seen twice
 
     def sample() -> Sample:
         nonlocal index
@@ -246,6 +248,8 @@ def read_webdataset(path: Path) -> Iterator[Sample]:
         if key in seen:
             return Sample(index - 1, key, error="duplicate key (its members are not adjacent in the archive)")
         seen.add(key)
+        if repeated is not None:
+            return Sample(index - 1, key, error=f"duplicate member {repeated} in the archive")
         meta = {
             ext: members[ext].decode("utf-8", "replace") if ext in members else None
             for ext in META_EXTENSIONS
@@ -257,6 +261,9 @@ def read_webdataset(path: Path) -> Iterator[Sample]:
 
     try:
         with tarfile.open(path, mode="r|*") as tar:
+            # Opening read the first header already: with no member, it was a whole block of zeros (a cut
+            # or missing one raises), the end of an empty archive.
+            ends["marker"] = tar.firstmember is None
             _watch_header_reads(tar, ends)
             for member in tar:
                 parts = _split_name(member.name) if member.isfile() else None
@@ -265,8 +272,10 @@ def read_webdataset(path: Path) -> Iterator[Sample]:
                 if parts[0] != key:
                     if key is not None:
                         yield sample()
-                    key, members = parts[0], {}
+                    key, members, repeated = parts[0], {}, None
                 if parts[1] in IMAGE_EXTENSIONS or parts[1] in META_EXTENSIONS:
+                    if parts[1] in members:  # e.g. an archive appended to: which one is meant is unknown
+                        repeated = member.name
                     members[parts[1]] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         if key is not None and members:
@@ -599,9 +608,7 @@ def write_shard(
             from .preview import write_png
 
             for _, key, encoded, _ in images:
-                write_png(
-                    out / f"{name}.pca" / f"{quote(key, safe='')}.png", encoded.preview, config.patch_size
-                )
+                write_png(out / f"{name}.pca" / preview_name(key), encoded.preview, config.patch_size)
         columns = {
             "key": pa.array(keys, pa.string()),
             "grid_thw": _fixed_list(pa, np.array([e.grid for _, _, e, _ in images], np.int64).reshape(-1, 3)),
@@ -625,6 +632,20 @@ def write_shard(
         atomic.write_file(out / f"{name}.parquet", lambda tmp: pa.parquet.write_table(table, tmp))
     except OSError as e:
         raise Fatal(f"cannot write the outputs of {result.shard.path}: {reason(e)}; {KEPT}") from None
+
+
+# A file name may hold 255 bytes; the temporary name written first adds the host, pid and a random part.
+PREVIEW_NAME_BYTES = 160
+
+
+def preview_name(key: str) -> str:
+    """``<key>.png`` with the key percent-encoded; a key too long for a file name keeps its first part and a
+    hash of the whole, so every key still gets a file of its own."""
+    quoted = quote(key, safe="")
+    if len(quoted) > PREVIEW_NAME_BYTES:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        quoted = f"{quoted[: PREVIEW_NAME_BYTES - 17].rstrip('%0123456789ABCDEF')}~{digest}"
+    return f"{quoted}.png"
 
 
 def _fixed_list(pa: Any, array: np.ndarray) -> Any:

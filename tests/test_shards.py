@@ -392,3 +392,33 @@ def test_read_ahead_keeps_order_errors_and_closes_its_source():
     stream.close()
     assert closed.is_set()
     assert not [t for t in threading.enumerate() if t.name == "packvit-read-ahead"]
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_an_empty_archive_is_whole_and_has_no_samples(tmp_path):
+    assert list(shards.read_webdataset(_tar(tmp_path / "empty.tar", []))) == []
+
+
+def test_a_member_repeated_next_to_itself_is_reported(tmp_path):
+    path = _tar(tmp_path / "dup.tar", [("a.jpg", b"first"), ("a.jpg", b"second"), ("b.jpg", b"x")])
+    got = list(shards.read_webdataset(path))
+    assert [(s.key, s.error) for s in got] == [("a", "duplicate member a.jpg in the archive"), ("b", None)]
+
+
+def test_long_keys_get_file_names_of_their_own_within_the_limit():
+    keys = ["短" * 80, "短" * 80 + "x", "a" * 300, "b/c?d"]
+    names = [shards.preview_name(k) for k in keys]
+    assert len(set(names)) == len(keys)
+    assert all(len(n.encode()) <= shards.PREVIEW_NAME_BYTES + 4 for n in names)
+    assert names[-1] == "b%2Fc%3Fd.png"
