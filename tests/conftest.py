@@ -35,3 +35,31 @@ def model_dir(tiny_reference, tmp_path_factory):
     return pv.from_pretrained(tiny_reference("dinov3", "gelu")).save_pretrained(
         tmp_path_factory.mktemp("model") / "model"
     )
+
+
+@pytest.fixture
+def break_second_token_write(monkeypatch):
+    """``break_(error)``: the second ``.safetensors`` file written from then on gets a few bytes, then
+    ``error`` is raised mid-write (a full disk, a Ctrl-C); ``break_(None)`` makes writes whole again."""
+    from packvit_native import atomic
+
+    real_write = atomic.write_file
+
+    def break_(error: BaseException | None) -> None:
+        if error is None:
+            monkeypatch.setattr(atomic, "write_file", real_write)
+            return
+        calls = []
+
+        def half_written(tmp):
+            tmp.write_bytes(b"half a file")
+            raise error
+
+        def write(path, fill, **kwargs):
+            if path.suffix == ".safetensors":
+                calls.append(path)
+            real_write(path, half_written if len(calls) == 2 else fill, **kwargs)
+
+        monkeypatch.setattr(atomic, "write_file", write)
+
+    return break_

@@ -121,24 +121,12 @@ def test_graphs_need_a_cuda_device(tiny_reference, folder, tmp_path, capsys):
 
 
 def test_interrupted_run_leaves_whole_files_and_resumes(
-    tiny_reference, folder, tmp_path, monkeypatch, capsys
+    tiny_reference, folder, tmp_path, break_second_token_write, capsys
 ):
-    import packvit_native.cli as cli
 
     src = tiny_reference("dinov3", "gelu")
     out = tmp_path / "features"
-    real_write, calls = cli.atomic.write_file, []
-
-    def half_written(tmp):
-        tmp.write_bytes(b"partial")  # half a file, then the user presses Ctrl-C
-        raise KeyboardInterrupt
-
-    def write_then_interrupt(path, write, **kwargs):
-        if path.suffix == ".safetensors":
-            calls.append(path)
-        real_write(path, half_written if len(calls) == 2 else write, **kwargs)
-
-    monkeypatch.setattr(cli.atomic, "write_file", write_then_interrupt)
+    break_second_token_write(KeyboardInterrupt())  # half a file, then the user presses Ctrl-C
     capsys.readouterr()
     assert _encode("--model", src, "--out", out, folder, "--max-tokens", 1) == 130
     err = capsys.readouterr().err
@@ -146,7 +134,7 @@ def test_interrupted_run_leaves_whole_files_and_resumes(
     assert "Traceback" not in err
     assert len(list(out.rglob("*.safetensors"))) == 1
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]
-    monkeypatch.setattr(cli.atomic, "write_file", real_write)
+    break_second_token_write(None)
     assert _encode("--model", src, "--out", out, folder) == 1  # broken.jpg is still unreadable
     assert "skipping 1 of 5 images, already in" in capsys.readouterr().err
     assert len(list(out.rglob("*.safetensors"))) == len(SIZES)

@@ -69,27 +69,16 @@ def _dead_pid() -> int:
     ids=["oserror", "safetensors"],
 )
 def test_full_disk_is_one_line_exit_2_and_keeps_what_was_written(
-    model_dir, tmp_path, monkeypatch, capsys, error
+    model_dir, tmp_path, break_second_token_write, capsys, error
 ):
     images, out = _images(tmp_path / "images", 3), tmp_path / "out"
-    real_write, calls = cli.atomic.write_file, []
-
-    def half_then_full(tmp):
-        Path(tmp).write_bytes(b"half a file")
-        raise error
-
-    def fill_disk_on_second_file(path, write, **kwargs):
-        if path.suffix == ".safetensors":
-            calls.append(path)
-        real_write(path, half_then_full if len(calls) == 2 else write, **kwargs)
-
-    monkeypatch.setattr(cli.atomic, "write_file", fill_disk_on_second_file)
+    break_second_token_write(error)
     assert _encode("--model", model_dir, "--out", out, images, "--max-tokens", 1) == 2
     [line] = _errors(capsys.readouterr().err)
     assert "img001.safetensors" in line and "No space left on device" in line and "rerun" in line
     assert [p.name for p in out.glob("*.safetensors")] == ["img000.safetensors"]
     assert not _leftovers(out)
-    monkeypatch.setattr(cli.atomic, "write_file", real_write)
+    break_second_token_write(None)
     assert _encode("--model", model_dir, "--out", out, images) == 0
     assert "skipping 1 of 3 images" in capsys.readouterr().err
     assert len(list(out.glob("*.safetensors"))) == 3
