@@ -204,13 +204,15 @@ def find_shards(inputs: list[str]) -> list[Shard]:
 
 @dataclass
 class Sample:
-    """One sample of a shard: its position, key, image bytes and kept metadata, or why it cannot be read."""
+    """One sample of a shard: its position, key, image bytes and kept metadata, or why it cannot be read.
+    ``part`` names what an error without a key stands for (the rest of an archive, a row, a row group)."""
 
     index: int
     key: str | None
     data: bytes | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    part: str = "archive"
 
 
 def _split_name(name: str) -> tuple[str, str] | None:
@@ -295,15 +297,19 @@ def parquet_columns(args: argparse.Namespace) -> tuple[str, str, list[str]]:
     return args.image_column or "image", args.key_column or "key", list(args.keep_columns or [])
 
 
+class UnreadableParquet(ValueError):
+    """A parquet file whose schema cannot be read at all."""
+
+
 def check_parquet_schema(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The kept columns' types; ``ValueError`` if a named column is missing or the image column holds no
-    bytes."""
+    """The kept columns' types; :class:`UnreadableParquet` if the file cannot be read, ``ValueError`` if a
+    named column is missing or the image column holds no bytes."""
     pa = _pyarrow()
     image, key, keep = parquet_columns(args)
     try:
         schema = pa.parquet.read_schema(path)
     except (OSError, pa.ArrowException) as e:
-        raise ValueError(f"not a readable parquet file: {e}") from None
+        raise UnreadableParquet(f"not a readable parquet file: {e}") from None
     missing = [c for c in (image, key, *keep) if c not in schema.names]
     if missing:
         raise ValueError(
@@ -335,14 +341,14 @@ def read_parquet(path: Path, args: argparse.Namespace) -> Iterator[Sample]:
         check_parquet_schema(path, args)
         file = pa.parquet.ParquetFile(path)
     except (ValueError, OSError, pa.ArrowException) as e:
-        yield Sample(0, None, error=str(e))
+        yield Sample(0, None, error=str(e), part="file")
         return
     index, seen = 0, set()
     for group in range(file.num_row_groups):
         try:
             table = file.read_row_group(group, columns=list(dict.fromkeys([key, image, *keep])))
         except (OSError, pa.ArrowException) as e:
-            yield Sample(index, None, error=f"row group {group} unreadable: {e}")
+            yield Sample(index, None, error=f"unreadable: {e}", part=f"row group {group}")
             continue
         column = table.column(image).combine_chunks()
         data = (column.field("bytes") if pa.types.is_struct(column.type) else column).to_pylist()
@@ -352,7 +358,7 @@ def read_parquet(path: Path, args: argparse.Namespace) -> Iterator[Sample]:
             meta = {c: values[row] for c, values in kept.items()}
             name = None if name is None else str(name)
             if name is None:
-                sample = Sample(index, None, meta=meta, error=f"row {index} has no key")
+                sample = Sample(index, None, meta=meta, error="no key", part=f"row {index}")
             elif name in seen:
                 sample = Sample(index, name, meta=meta, error="duplicate key")
             elif not blob:
@@ -369,15 +375,24 @@ def read_shard(shard: Shard, args: argparse.Namespace) -> Iterator[Sample]:
     return read_webdataset(shard.path) if kind == "webdataset" else read_parquet(shard.path, args)
 
 
-def meta_types(kind: str, args: argparse.Namespace, first: Shard) -> dict[str, Any]:
-    """Kept metadata columns and their arrow types (checked on the first shard for parquet)."""
+def meta_types(kind: str, args: argparse.Namespace, shards: list[Shard]) -> dict[str, Any]:
+    """Kept metadata columns and their arrow types. For parquet, the columns are checked on the first shard
+    whose schema can be read; the unreadable ones before it are reported when their turn comes."""
     pa = _pyarrow()
     if kind == "webdataset":
         return {ext: pa.string() for ext in META_EXTENSIONS}
-    try:
-        types = check_parquet_schema(first.path, args)
-    except ValueError as e:
-        raise Fatal(f"{first.path} {e}") from None
+    unreadable = None
+    for shard in shards:
+        try:
+            types = check_parquet_schema(shard.path, args)
+        except UnreadableParquet as e:
+            unreadable = unreadable or f"{shard.path} {e}"
+            continue
+        except ValueError as e:
+            raise Fatal(f"{shard.path} {e}") from None
+        break
+    else:
+        raise Fatal(f"no parquet file can be read: {unreadable}" if len(shards) > 1 else unreadable)
     clash = [c for c in types if c in BASE_COLUMNS]
     if clash:
         raise Fatal(f"--keep-columns {', '.join(clash)}: outputs have columns of that name already")
@@ -557,11 +572,12 @@ class ShardResult:
     images: list[tuple[int, str, Encoded, dict[str, Any]]] = field(
         default_factory=list
     )  # index, key, ..., meta
-    errors: list[tuple[int, str | None, str]] = field(default_factory=list)  # index, key, error
+    errors: list[tuple[int, dict[str, str | None]]] = field(default_factory=list)  # index, record entry
 
     def fail(self, sample: Sample, error: str, say: Callable[[str], None]) -> None:
-        self.errors.append((sample.index, sample.key, error))
-        what = f"sample {sample.key!r}" if sample.key is not None else "archive"
+        entry = {"key": sample.key, "error": error} | ({"part": sample.part} if sample.key is None else {})
+        self.errors.append((sample.index, entry))
+        what = f"sample {sample.key!r}" if sample.key is not None else sample.part
         say(f"packvit encode: {self.shard.path}: {what} skipped: {error}")
 
 
@@ -575,9 +591,7 @@ def _record(
         "settings": manifest["settings"],
         "embedding": embedding_source(config),
         "images": len(result.images),
-        "errors": [
-            {"key": key, "error": error} for _, key, error in sorted(result.errors, key=lambda e: e[0])
-        ],
+        "errors": [entry for _, entry in sorted(result.errors, key=lambda e: e[0])],
         "tokens": tokens,
     }
 
@@ -726,7 +740,7 @@ def encode_shards(args: argparse.Namespace, kind: str, say: Callable[[str], None
         args.input = {"format": "parquet", "image_column": image, "key_column": key, "keep_columns": keep}
     else:
         args.input = {"format": "webdataset"}
-    metas = meta_types(kind, args, shards[0])
+    metas = meta_types(kind, args, shards)
     prepare_out(out, say)
     if args.engine == "ray":
         from .ray_data import connect

@@ -147,3 +147,17 @@ def test_graphs_need_gpu_actors(model_dir, tmp_path, capsys):
         from packvit_native.ray_data import encode_dataset
 
         encode_dataset(ray.data.from_items([{"image": b""}]), str(model_dir), graphs=True)
+
+
+def test_errors_without_a_key_keep_what_they_stand_for(model_dir, tmp_path, capsys):
+    """A parquet row without a key travels from the read stage to the record as that row, not as an archive."""
+    rows = samples(40, 3)
+    keys = [rows[0][0], None, rows[2][0]]
+    table = pa.table({"key": keys, "image": pa.array([d for _, d, _ in rows], pa.binary())})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    out = tmp_path / "out"
+    assert _encode("--model", model_dir, "--out", out, tmp_path / "rows.parquet", "--engine", "ray") == 1
+    assert "rows.parquet: row 1 skipped: no key" in capsys.readouterr().err
+    written, record = _table(out / "rows.parquet")
+    assert written.column("key").to_pylist() == [k for k, d, _ in (rows[0], rows[2]) if d != CORRUPT]
+    assert record["errors"][0] == {"key": None, "part": "row 1", "error": "no key"}

@@ -138,6 +138,43 @@ def test_parquet_image_struct_of_hugging_face_datasets(tmp_path):
     assert [(s.key, s.data) for s in read] == [(k, d) for k, d, _ in rows]
 
 
+def test_an_unreadable_parquet_file_first_is_reported_not_fatal(model_dir, data, tmp_path, capsys):
+    folder, out = tmp_path / "pq", tmp_path / "out"
+    folder.mkdir()
+    (folder / "part-0.parquet").write_bytes(b"PAR1 cut short")
+    (folder / "part-1.parquet").write_bytes((data / "pq" / "part-1.parquet").read_bytes())
+    args = ["--image-column", "jpg", "--key-column", "id", "--keep-columns", "caption"]
+    assert _encode("--model", model_dir, "--out", out, folder / "part-{0,1}.parquet", *args) == 1
+    assert "part-0.parquet: file skipped: not a readable parquet file" in capsys.readouterr().err
+    empty = pq.read_table(out / "part-0.parquet")
+    record = json.loads(empty.schema.metadata[b"packvit"])
+    assert empty.num_rows == 0 and "caption" in empty.schema.names
+    assert record["errors"][0]["key"] is None and record["errors"][0]["part"] == "file"
+    keys, _, record = _rows(out / "part-1.parquet")
+    assert keys == [k for k, d, _ in samples(11, PER_SHARD) if d != CORRUPT]
+
+    # none readable: one error before anything is written
+    nothing = tmp_path / "nothing"
+    assert _encode("--model", model_dir, "--out", nothing, folder / "part-0.parquet", *args) == 2
+    assert "part-0.parquet not a readable parquet file" in capsys.readouterr().err
+    assert not nothing.exists()
+
+
+def test_a_parquet_row_without_key_is_reported_as_that_row(model_dir, tmp_path, capsys):
+    import pyarrow as pa
+
+    rows = samples(30, 3)
+    keys = [None, *(k for k, _, _ in rows[1:])]
+    table = pa.table({"key": keys, "image": pa.array([d for _, d, _ in rows], pa.binary())})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    out = tmp_path / "out"
+    assert _encode("--model", model_dir, "--out", out, tmp_path / "rows.parquet") == 1
+    assert "rows.parquet: row 0 skipped: no key" in capsys.readouterr().err
+    written, _, record = _rows(out / "rows.parquet")
+    assert written == [k for k, d, _ in rows[1:] if d != CORRUPT]
+    assert record["errors"][0] == {"key": None, "part": "row 0", "error": "no key"}
+
+
 def shards_args(**given):
     from packvit_native.cli import encode_args
 
