@@ -54,7 +54,7 @@ import time
 import traceback
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +63,6 @@ from typing import Any
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -71,6 +70,7 @@ from . import atomic
 from .gpu_decode import GpuDecoder, nvjpeg_decoder
 from .loading import DTYPES
 from .preprocess import MAX_DECODED_PIXELS, LoadingThreads
+from .tensor_file import write_tensors
 from .worker_processes import LoadingFailed, LoadingProcesses
 
 __all__ = ["IMAGE_SUFFIXES", "find_images", "main"]
@@ -141,17 +141,23 @@ def reason(e: BaseException) -> str:
 
 
 def save_tensors(
-    path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], exclusive: bool = False
+    path: Path,
+    tensors: Mapping[str, Tensor | Sequence[Tensor]],
+    metadata: dict[str, str],
+    exclusive: bool = False,
 ) -> None:
     """Write one safetensors file all or nothing (see :func:`atomic.write_file`); ``Fatal`` if it fails.
 
-    The bytes are made in memory and written into the locked temporary file itself: ``save_file`` writes a
-    file of its own and renames it over the path it is given, which would leave the lock and the ``fsync`` on
-    an emptied file and, after a kill, a stray temporary of safetensors' own naming."""
+    Written piece by piece into the locked temporary file itself (:func:`~packvit_native.tensor_file.
+    write_tensors`: a tensor may be given as the pieces it concatenates, never joined in memory)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as file:
+            write_tensors(file, tensors, metadata)
+
     try:
-        data = save(tensors, metadata=metadata)
-        atomic.write_file(path, lambda tmp: tmp.write_bytes(data), exclusive=exclusive)
-    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as a SafetensorError
+        atomic.write_file(path, write, exclusive=exclusive)
+    except OSError as e:
         if exclusive and isinstance(e, FileExistsError):
             raise  # the name is taken: the caller claims another
         raise Fatal(f"cannot write {path}: {reason(e)}; {KEPT}") from None
@@ -256,11 +262,11 @@ class _Writer:
     ) -> None:
         """``outputs``: tensor name -> (``[N, D]`` patch tokens, ``[B, k, D]`` prefix tokens or ``None``)."""
         if self.packed:
-            tensors = {"grid_thw": grids.clone()}
+            tensors = {"grid_thw": grids}
             for key, (patches, prefix) in outputs.items():
-                tensors[key] = patches.clone()
+                tensors[key] = patches
                 if prefix is not None:
-                    tensors[key.replace("features", "prefix", 1)] = prefix.clone()
+                    tensors[key.replace("features", "prefix", 1)] = prefix
             meta = {
                 "names": json.dumps([i.name for i in items]),
                 "sources": json.dumps([str(i.path) for i in items]),
@@ -270,12 +276,11 @@ class _Writer:
         counts = grids.prod(1).tolist()
         start = 0
         for b, (item, n) in enumerate(zip(items, counts, strict=True)):
-            tensors = {"grid_thw": grids[b : b + 1].clone()}
+            tensors = {"grid_thw": grids[b : b + 1]}
             for key, (patches, prefix) in outputs.items():
-                # clone: safetensors refuses tensors that share storage, as slices of one batch do
-                tensors[key] = patches[start : start + n].clone()
+                tensors[key] = patches[start : start + n]
                 if prefix is not None:
-                    tensors[key.replace("features", "prefix", 1)] = prefix[b].clone()
+                    tensors[key.replace("features", "prefix", 1)] = prefix[b]
             path = self.out / f"{item.name}.safetensors"
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

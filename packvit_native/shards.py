@@ -21,12 +21,13 @@ Outputs, per input shard ``NAME`` in ``--out``:
     with a projection only), then the kept metadata (``json``/``txt``, or ``--keep-columns``). Its schema
     metadata ``packvit`` is the shard's record (JSON): the settings and model fingerprint of the folder's
     manifest, the source shard, the number of images, the **error list** (``[{"key", "error"}]``, one entry per
-    unreadable sample or unreadable stretch of an archive) and the token file's write id.
+    unreadable sample; what has no key, the rest of an archive, a parquet file, row group or row, has
+    ``"key": null`` and names itself under ``"part"``) and the token file's write id.
 ``NAME.safetensors`` (with ``--tokens``)
     The layout of a packed part: ``features [N, D]`` (``features.<layer>`` per ``--layers``), ``prefix [B, k,
     D]`` with ``--prefix``, ``grid_thw [B, 3]``, and the index from key to rows: ``offsets [B + 1]`` (image
     ``i``'s tokens are rows ``offsets[i]:offsets[i+1]``) with the keys, in the same order, in the metadata under
-    ``names`` (a JSON list).
+    ``names`` (a JSON list). Written image by image from the encoded pieces, never joined in memory.
 ``NAME.pca/<key>.png`` (with ``--preview``)
     See :mod:`packvit_native.preview`; keys are percent-encoded into file names.
 
@@ -668,14 +669,18 @@ def _fixed_list(pa: Any, array: np.ndarray) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(values), array.shape[1])
 
 
-def _token_tensors(encoded: list[Encoded], args: argparse.Namespace) -> dict[str, Tensor]:
+def _token_tensors(encoded: list[Encoded], args: argparse.Namespace) -> dict[str, Tensor | list[Tensor]]:
+    """The token file's tensors; the features as their per-image pieces, which are written one after another
+    rather than joined (a shard's tokens can be many GB)."""
     grids = torch.tensor([e.grid for e in encoded], dtype=torch.int64)
     counts = grids.prod(1)
-    tensors = {"grid_thw": grids, "offsets": torch.cat([counts.new_zeros(1), counts.cumsum(0)])}
+    tensors: dict[str, Tensor | list[Tensor]] = {
+        "grid_thw": grids, "offsets": torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    }  # fmt: skip
     for key in encoded[0].tokens:
-        tensors[key] = torch.cat([e.tokens[key][0] for e in encoded])
+        tensors[key] = [e.tokens[key][0] for e in encoded]
         if args.prefix:
-            tensors[key.replace("features", "prefix", 1)] = torch.stack([e.tokens[key][1] for e in encoded])
+            tensors[key.replace("features", "prefix", 1)] = [e.tokens[key][1][None] for e in encoded]
     return tensors
 
 

@@ -71,16 +71,16 @@ def test_a_part_number_claimed_meanwhile_is_left_alone(tiny_reference, tmp_path,
     first write; this run must store its batch under the next number."""
     model_dir = pv.from_pretrained(tiny_reference("dinov3", "gelu")).save_pretrained(tmp_path / "model")
     images, out = _images(tmp_path / "images", "x", 2), tmp_path / "out"
-    real_save, claimed = cli.save, []
+    real_write, claimed = cli.write_tensors, []
 
-    def another_run_claims_first(tensors, metadata=None):
+    def another_run_claims_first(file, tensors, metadata=None):
         if not claimed:
             theirs = {"grid_thw": torch.tensor([[1, 1, 1]]), "features": torch.zeros(1, 32)}
             save_file(theirs, out / "part-00000.safetensors", metadata={"names": '["theirs"]'})
             claimed.append(True)
-        return real_save(tensors, metadata=metadata)
+        return real_write(file, tensors, metadata)
 
-    monkeypatch.setattr(cli, "save", another_run_claims_first)
+    monkeypatch.setattr(cli, "write_tensors", another_run_claims_first)
     args = ["encode", "--model", str(model_dir), "--out", str(out), str(images), "--format", "packed"]
     assert cli.main([*args, "--max-tokens", "1", "--device", "cpu"]) == 0
     with safe_open(out / "part-00000.safetensors", "pt") as f:

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import packvit_native as pv
@@ -59,20 +58,11 @@ def _dead_pid() -> int:
     return int(done.stdout)
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        OSError(errno.ENOSPC, "No space left on device"),
-        # what safetensors itself raises on a full disk (seen on a 64 KiB tmpfs)
-        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
-    ],
-    ids=["oserror", "safetensors"],
-)
 def test_full_disk_is_one_line_exit_2_and_keeps_what_was_written(
-    model_dir, tmp_path, break_second_token_write, capsys, error
+    model_dir, tmp_path, break_second_token_write, capsys
 ):
     images, out = _images(tmp_path / "images", 3), tmp_path / "out"
-    break_second_token_write(error)
+    break_second_token_write(OSError(errno.ENOSPC, "No space left on device"))
     assert _encode("--model", model_dir, "--out", out, images, "--max-tokens", 1) == 2
     [line] = _errors(capsys.readouterr().err)
     assert "img001.safetensors" in line and "No space left on device" in line and "rerun" in line
