@@ -9,7 +9,8 @@ encoding runs) and the forward plus backward (a training step's share of one blo
 each fusion alone, and all of them. The variants are timed in interleaved rounds (each variant once per round,
 so drift in clocks and temperature hits all alike); a round's figure is the median of ``--calls`` timed calls,
 and the table gives the median over ``--rounds`` rounds. ``linear_gelu`` applies to GELU-tanh MLPs (SigLIP2)
-and to forwards that record no gradient only, so it shows as ``-`` elsewhere.
+and to forwards that record no gradient only, ``scale_add`` to models with layer scale (DINOv3) only, so they
+show as ``-`` elsewhere.
 """
 
 from __future__ import annotations
@@ -38,7 +39,13 @@ MODELS = {
     "SigLIP2 so400m/16": "siglip2_so400m16",
     "AIMv2-L/14": "aimv2_l14",
 }
-VARIANTS = {"unfused": False, "add_norm": ["add_norm"], "linear_gelu": ["linear_gelu"], "all": True}
+VARIANTS = {
+    "unfused": False,
+    "add_norm": ["add_norm"],
+    "linear_gelu": ["linear_gelu"],
+    "scale_add": ["scale_add"],
+    "all": True,
+}
 DTYPE = torch.bfloat16
 TINY = {"hidden_size": 64, "num_heads": 4, "mlp_hidden": 96}  # the CPU smoke run's width
 
@@ -94,8 +101,10 @@ def seconds(run: Callable[[], None], device: torch.device) -> float:
 
 def applies(variant: str, key: str, pass_name: str) -> bool:
     """Whether ``variant`` differs from ``unfused`` for this model and pass (else it is not timed)."""
-    gelu_tanh = PRESETS[key].config().activation == "gelu_tanh"
-    return variant != "linear_gelu" or (gelu_tanh and pass_name == "forward")
+    config = PRESETS[key].config()
+    if variant == "scale_add":
+        return config.layer_scale
+    return variant != "linear_gelu" or (config.activation == "gelu_tanh" and pass_name == "forward")
 
 
 def measure(key: str, args: argparse.Namespace, device: torch.device) -> dict[tuple[str, str], float]:

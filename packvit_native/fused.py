@@ -1,4 +1,5 @@
-"""Fused epilogues for eager CUDA forwards and backwards: residual add + norm, and fc1 + bias + GELU-tanh.
+"""Fused epilogues for eager CUDA forwards and backwards: residual add + norm, fc1 + bias + GELU-tanh, and the
+layer-scaled residual add.
 
 ``add_norm``: a pre-norm block adds its attention branch to the residual stream (``x + gamma * branch`` with
 layer scale) and reads the sum straight back for ``norm2``. In PyTorch ops that is a product, a sum and a norm,
@@ -20,8 +21,13 @@ the exact erf form, so it is used on CUDA only and for ``gelu_tanh`` models only
 16-bit activations and weights outside autocast only (in fp32 the epilogue's GELU would replace PyTorch's,
 whose precision it is not documented to match).
 
-Neither applies under ``torch.compile`` (the compiler fuses the PyTorch ops itself), on the CPU, or without
-Triton, nor to fp64; there the PyTorch ops run unchanged. Both are on by default. ``PACKVIT_FUSED`` read at
+``scale_add``: the block's last residual add with layer scale, ``x + gamma * branch``, as one ``torch.addcmul``:
+one pass over the tokens instead of a product and a sum (forward and backward). It computes in fp32 and rounds
+once, where the PyTorch ops round the product to the activation dtype first; in bf16 the two differ by at most
+one rounding of the product, well inside what the GPU checks allow against the fp32 reference.
+
+None applies under ``torch.compile`` (the compiler fuses the PyTorch ops itself), on the CPU, or without
+Triton, nor to fp64; there the PyTorch ops run unchanged. All are on by default. ``PACKVIT_FUSED`` read at
 import sets the default (``0`` none, ``1`` all, or a comma list of names from :data:`FUSIONS`);
 :func:`set_fusions` and :func:`using_fusions` switch them at run time, e.g. to compare fused and unfused
 forwards in one process (``benchmarks/fusions.py``). The switch is read as each forward runs: CUDA graphs keep
@@ -47,11 +53,13 @@ __all__ = [
     "fusions_enabled",
     "linear_gelu_applies",
     "linear_gelu_tanh",
+    "scale_add",
+    "scale_add_applies",
     "set_fusions",
     "using_fusions",
 ]
 
-FUSIONS = ("add_norm", "linear_gelu")
+FUSIONS = ("add_norm", "linear_gelu", "scale_add")
 
 # A tile holds at most this many elements: at most 16 fp32 values per thread and tensor at 8 warps.
 TILE_ELEMENTS = 4096
@@ -116,6 +124,25 @@ def _eager_cuda(x: Tensor) -> bool:
 
 def _records_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# x + gamma * branch
+
+
+def scale_add_applies(x: Tensor, branch: Tensor, gamma: Tensor) -> bool:
+    """Whether :func:`scale_add` may replace ``x + branch * gamma`` here."""
+    return (
+        "scale_add" in _enabled
+        and _eager_cuda(x)
+        and x.dtype in _KERNEL_DTYPES
+        and x.dtype == branch.dtype == gamma.dtype
+    )
+
+
+def scale_add(x: Tensor, branch: Tensor, gamma: Tensor) -> Tensor:
+    """``x + branch * gamma`` in one pass, rounded once."""
+    return torch.addcmul(x, branch, gamma)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -271,7 +271,17 @@ class Block(nn.Module):
 
     def _residuals(self, x: Tensor, ctx: BlockContext) -> Tensor:
         x, h = self._add_norm2(x, self.attn(self.norm1(x), ctx), ctx)
-        return x + self.drop_path(self.ls2(self.mlp(h)), ctx)
+        return self._add_branch(x, self.mlp(h), self.ls2, ctx)
+
+    def _add_branch(self, x: Tensor, branch: Tensor, scale: nn.Module, ctx: BlockContext) -> Tensor:
+        """``x + drop(scale(branch))``, one kernel where :func:`~.fused.scale_add_applies`."""
+        if (
+            type(scale) is LayerScale
+            and not self.drop_path.active
+            and fused.scale_add_applies(x, branch, scale.gamma)
+        ):
+            return fused.scale_add(x, branch, scale.gamma)
+        return x + self.drop_path(scale(branch), ctx)
 
     def _add_norm2(self, x: Tensor, branch: Tensor, ctx: BlockContext) -> tuple[Tensor, Tensor]:
         """``x + drop(ls1(branch))`` and ``norm2`` of it: one kernel where :func:`~.fused.add_norm` applies."""
@@ -284,7 +294,7 @@ class Block(nn.Module):
             and fused.add_norm_applies(x, branch, gamma, norm[0], norm[1])
         ):
             return fused.add_norm(x, branch, gamma, *norm)
-        x = x + self.drop_path(self.ls1(branch), ctx)
+        x = self._add_branch(x, branch, self.ls1, ctx)
         return x, self.norm2(x)
 
 

@@ -239,7 +239,7 @@ def test_switch_parses_and_restores():
     assert fused._parse("0") == fused._parse("") == frozenset()
     assert fused._parse("1") == frozenset(fused.FUSIONS)
     assert fused._parse("add_norm") == {"add_norm"}
-    assert fused._parse(" linear_gelu , add_norm ") == set(fused.FUSIONS)
+    assert fused._parse(" linear_gelu , add_norm,scale_add ") == set(fused.FUSIONS)
     with pytest.raises(ValueError, match="unknown fusion"):
         fused._parse("add_nrom")
     before = fused.fusions_enabled()
@@ -284,7 +284,11 @@ def test_cpu_block_is_the_pytorch_ops_exactly(name, dtype):
 @pytest.fixture
 def spies(monkeypatch):
     """Pretend every tensor is on eager CUDA and count the fused calls, which compute the PyTorch ops."""
-    calls = {"add_norm": 0, "linear_gelu": 0}
+    calls = {"add_norm": 0, "linear_gelu": 0, "scale_add": 0}
+
+    def scale_add(x, branch, gamma):
+        calls["scale_add"] += 1
+        return x + branch * gamma
 
     def add_norm(*args):
         calls["add_norm"] += 1
@@ -297,11 +301,12 @@ def spies(monkeypatch):
     monkeypatch.setattr(fused, "_eager_cuda", lambda x: True)
     monkeypatch.setattr(fused, "add_norm", add_norm)
     monkeypatch.setattr(fused, "linear_gelu_tanh", linear_gelu)
+    monkeypatch.setattr(fused, "scale_add", scale_add)
     return calls
 
 
 def _calls(spies, block, x, grad, token_segment=None):
-    spies.update(add_norm=0, linear_gelu=0)
+    spies.update(add_norm=0, linear_gelu=0, scale_add=0)
     with torch.set_grad_enabled(grad):
         block(x, BlockContext(_context("cpu").segmentations, "sdpa", token_segment=token_segment))
     return dict(spies)
@@ -310,19 +315,26 @@ def _calls(spies, block, x, grad, token_segment=None):
 def test_where_each_fusion_applies(spies):
     x = torch.randn(37, 72, dtype=torch.bfloat16)
     siglip = _block(CONFIGS["siglip2"], "cpu", torch.bfloat16)
-    assert _calls(spies, siglip, x, grad=False) == {"add_norm": 1, "linear_gelu": 1}
+    none = {"add_norm": 0, "linear_gelu": 0, "scale_add": 0}
+    assert _calls(spies, siglip, x, grad=False) == none | {"add_norm": 1, "linear_gelu": 1}
     # the GEMM epilogue has no derivative: not while recording a gradient
-    assert _calls(spies, siglip, x, grad=True) == {"add_norm": 1, "linear_gelu": 0}
+    assert _calls(spies, siglip, x, grad=True) == none | {"add_norm": 1}
     with fused.using_fusions(["linear_gelu"]):
-        assert _calls(spies, siglip, x, grad=False) == {"add_norm": 0, "linear_gelu": 1}
+        assert _calls(spies, siglip, x, grad=False) == none | {"linear_gelu": 1}
     with fused.using_fusions(False):
-        assert _calls(spies, siglip, x, grad=False) == {"add_norm": 0, "linear_gelu": 0}
-    # exact-erf GELU and SwiGLU never take the tanh epilogue; RMSNorm and layer scale fuse with the residual
-    for name in ("dinov3", "aimv2"):
-        block = _block(CONFIGS[name], "cpu", torch.bfloat16)
-        assert _calls(spies, block, x, grad=False) == {"add_norm": 1, "linear_gelu": 0}
+        assert _calls(spies, siglip, x, grad=False) == none
+    # exact-erf GELU and SwiGLU never take the tanh epilogue; RMSNorm and layer scale fuse with the residual;
+    # the last residual add takes the layer scale in one pass, with or without a gradient
+    dinov3 = _block(CONFIGS["dinov3"], "cpu", torch.bfloat16)
+    for grad in (False, True):
+        assert _calls(spies, dinov3, x, grad=grad) == none | {"add_norm": 1, "scale_add": 1}
+    with fused.using_fusions(["scale_add"]):  # the first residual add too, where add_norm is off
+        assert _calls(spies, dinov3, x, grad=False) == none | {"scale_add": 2}
+    aimv2 = _block(CONFIGS["aimv2"], "cpu", torch.bfloat16)
+    assert _calls(spies, aimv2, x, grad=False) == none | {"add_norm": 1}
     # fp32 activations: the residual fusion only (the epilogue's GELU is not PyTorch's)
-    assert _calls(spies, siglip.float(), x.float(), grad=False) == {"add_norm": 1, "linear_gelu": 0}
+    assert _calls(spies, siglip.float(), x.float(), grad=False) == none | {"add_norm": 1}
+    assert _calls(spies, dinov3.float(), x.float(), grad=False) == none | {"add_norm": 1, "scale_add": 1}
 
 
 def test_where_the_fusions_stand_aside(spies):
@@ -359,8 +371,11 @@ def test_where_the_fusions_stand_aside(spies):
 
     dropping = _block(_config("layernorm", "mlp", "gelu", True, drop_path_rate=0.5), "cpu", torch.bfloat16)
     segment = torch.repeat_interleave(torch.arange(3), torch.tensor([11, 25, 1]))
-    assert _calls(spies, dropping.train(), x, grad=True, token_segment=segment)["add_norm"] == 0
-    assert _calls(spies, dropping.eval(), x, grad=True)["add_norm"] == 1
+    dropped = _calls(spies, dropping.train(), x, grad=True, token_segment=segment)
+    assert dropped["add_norm"] == dropped["scale_add"] == 0
+    assert _calls(spies, dropping.eval(), x, grad=True) == {"add_norm": 1, "linear_gelu": 0, "scale_add": 1}
+    assert not fused.scale_add_applies(x, x.float(), x[0])  # mixed dtypes (autocast): the PyTorch ops
+    assert not fused.scale_add_applies(x.double(), x.double(), x[0].double())
 
 
 @needs_cuda
