@@ -25,7 +25,15 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["new_dir_mode", "new_file_mode", "remove_stale", "replace_dir", "temp_name", "write_file"]
+__all__ = [
+    "claim_marker",
+    "new_dir_mode",
+    "new_file_mode",
+    "remove_stale",
+    "replace_dir",
+    "temp_name",
+    "write_file",
+]
 
 _UMASK_LOCK = threading.Lock()
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -83,6 +91,12 @@ def _locked(path: Path):
         os.close(fd)  # releases the lock
 
 
+def claim_marker(path: Path) -> Path:
+    """The marker an exclusive write to ``path`` holds on a file system without hard links (see ``_claim``);
+    a kill in the moment between its creation and removal leaves it behind."""
+    return path.parent / f".{path.name}.claim"
+
+
 def _claim(tmp: Path, path: Path) -> None:
     """Give ``tmp`` the name ``path`` unless ``path`` exists (``FileExistsError``), even against a racing writer.
 
@@ -95,7 +109,7 @@ def _claim(tmp: Path, path: Path) -> None:
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
             raise
-    marker = path.parent / f".{path.name}.claim"
+    marker = claim_marker(path)
     fd = os.open(
         marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600
     )  # FileExistsError if another writer has it

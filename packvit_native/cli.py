@@ -96,6 +96,7 @@ class Fatal(Exception):
 
 
 KEPT = "the features written before are kept, rerun the same command to resume"
+MANIFEST_CLAIM_TRIES = 40  # 2 s: a claim by a live run takes moments
 
 
 @dataclass(frozen=True)
@@ -107,15 +108,18 @@ class Item:
 
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Item]:
-    """Expand files and folders into named images; ``ValueError`` for a missing input or clashing names."""
+    """Expand files and folders into named images; ``ValueError`` for a missing input or clashing names.
+
+    A name keeps the bytes of a file name that are not UTF-8 as ``\\xNN`` text: output files and their headers
+    (safetensors reads only UTF-8 paths and metadata) then hold it as it is shown."""
     items: list[Item] = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
             found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            items += [Item(f, f.relative_to(path).with_suffix("").as_posix()) for f in found]
+            items += [Item(f, path_text(f.relative_to(path).with_suffix("").as_posix())) for f in found]
         elif path.is_file():
-            items.append(Item(path, path.stem))
+            items.append(Item(path, path_text(path.stem)))
         else:
             raise ValueError(f"{raw}: no such file or folder")
     by_name: dict[str, list[Path]] = {}
@@ -161,6 +165,14 @@ def save_tensors(
         if exclusive and isinstance(e, FileExistsError):
             raise  # the name is taken: the caller claims another
         raise Fatal(f"cannot write {path}: {reason(e)}; {KEPT}") from None
+    except ValueError as e:
+        raise Fatal(f"cannot write {path}: {e}; {KEPT}") from None
+
+
+def path_text(path: str | os.PathLike) -> str:
+    """``path`` as text any file format can hold: bytes of a name that are not UTF-8 (which Python decodes to
+    lone surrogates) shown as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def feature_keys(layers: list[int] | None) -> list[str]:
@@ -287,7 +299,7 @@ class _Writer:
             except OSError as e:
                 raise Fatal(f"cannot create folder {path.parent}: {reason(e)}; {KEPT}") from None
             # Replacing is safe: another run writing this name writes the same image with the same model.
-            save_tensors(path, tensors, {"source": str(item.path)})
+            save_tensors(path, tensors, {"source": path_text(item.path)})
             start += n
 
     def _claim_part(self, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
@@ -403,14 +415,23 @@ def record_manifest(out: Path, manifest: dict[str, Any]) -> None:
     """Write the manifest, or check the one a concurrent or earlier run wrote: it is never overwritten, so two
     runs with different models or settings cannot both go on in one folder."""
     text = json.dumps(manifest, indent=2) + "\n"
-    try:
-        atomic.write_file(out / MANIFEST, lambda tmp: tmp.write_text(text), exclusive=True)
-    except FileExistsError:
-        previous = read_manifest(out)
-        if previous is not None:  # else it was deleted meanwhile: nothing to compare with
-            check_manifest(out, previous, manifest)
-    except OSError as e:
-        raise Fatal(f"cannot write {out / MANIFEST}: {reason(e)}; {KEPT}") from None
+    for _ in range(MANIFEST_CLAIM_TRIES):
+        try:
+            atomic.write_file(out / MANIFEST, lambda tmp: tmp.write_text(text), exclusive=True)
+            return
+        except FileExistsError:
+            previous = read_manifest(out)
+            if previous is not None:
+                check_manifest(out, previous, manifest)
+                return
+            # Not there: another run's claim is under way, or the manifest was deleted meanwhile.
+            time.sleep(0.05)
+        except OSError as e:
+            raise Fatal(f"cannot write {out / MANIFEST}: {reason(e)}; {KEPT}") from None
+    raise Fatal(
+        f"cannot record the manifest in {out}: {atomic.claim_marker(out / MANIFEST)} stays, left by a run killed "
+        f"while claiming it; remove it if no other packvit encode writes into {out}, then rerun; {KEPT}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- set-up

@@ -35,7 +35,9 @@ Each file is written atomically (:mod:`packvit_native.atomic`), the parquet file
 when its NAME.parquet exists** and its record matches the folder's manifest (and its token file, whole, carries
 the same write id). A rerun skips finished shards and redoes the others from the start, replacing whatever an
 interrupted attempt left, so no sample is ever stored twice. Unreadable samples are listed in the record and
-reported, and the run goes on (exit code 1).
+reported, and the run goes on (exit code 1); a shard with an unreadable *part* (an error without a key) is read
+again by a rerun, since the file may have been read while it was still being written. An existing NAME.parquet
+without a record is not ours and is never replaced (the run stops first), and neither is an input.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ from .cli import (
     load_model_or_fail,
     loading_processes,
     on_device,
+    path_text,
     plural,
     prefetch,
     prepare_out,
@@ -269,7 +272,8 @@ def read_webdataset(path: Path) -> Iterator[Sample]:
             ends["marker"] = tar.firstmember is None
             _watch_header_reads(tar, ends)
             for member in tar:
-                parts = _split_name(member.name) if member.isfile() else None
+                name = path_text(member.name)  # a name that is not UTF-8 could be stored nowhere
+                parts = _split_name(name) if member.isfile() else None
                 if parts is None:
                     continue
                 if parts[0] != key:
@@ -278,7 +282,7 @@ def read_webdataset(path: Path) -> Iterator[Sample]:
                     key, members, repeated = parts[0], {}, None
                 if parts[1] in IMAGE_EXTENSIONS or parts[1] in META_EXTENSIONS:
                     if parts[1] in members:  # e.g. an archive appended to: which one is meant is unknown
-                        repeated = member.name
+                        repeated = name
                     members[parts[1]] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         if key is not None and members:
@@ -349,7 +353,14 @@ def read_parquet(path: Path, args: argparse.Namespace) -> Iterator[Sample]:
         try:
             table = file.read_row_group(group, columns=list(dict.fromkeys([key, image, *keep])))
         except (OSError, pa.ArrowException) as e:
-            yield Sample(index, None, error=f"unreadable: {e}", part=f"row group {group}")
+            rows = file.metadata.row_group(group).num_rows
+            yield Sample(
+                index,
+                None,
+                error=f"unreadable: {e}",
+                part=f"row group {group} (rows {index}-{index + rows - 1})",
+            )
+            index += rows
             continue
         column = table.column(image).combine_chunks()
         data = (column.field("bytes") if pa.types.is_struct(column.type) else column).to_pylist()
@@ -692,15 +703,25 @@ def shard_status(out: Path, shard: Shard, manifest: dict[str, Any], args: argpar
     if not path.exists():
         return ""
     try:
-        record = json.loads(pa.parquet.read_schema(path).metadata[RECORD_KEY])
+        metadata = pa.parquet.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as e:
+        return f"{path.name} is damaged ({e})"
+    if RECORD_KEY not in metadata:  # ours are written whole, record included: this file is someone else's
+        raise Fatal(f"{path} is not an output of packvit encode; move it away or encode into another --out")
+    try:
+        record = json.loads(metadata[RECORD_KEY])
         if (
             record["settings"] != manifest["settings"]
             or record["model"]["sha256"] != manifest["model"]["sha256"]
         ):
             return "it was made with other settings or another model"
         tokens = record["tokens"]
-    except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as e:
+        unread = [e for e in record["errors"] if e["key"] is None]
+    except (KeyError, TypeError, ValueError) as e:
         return f"{path.name} is damaged ({e})"
+    if unread:  # the file may have been read while being copied, or over a failing mount: read it again
+        entry = unread[0]
+        return f"part of it could not be read last time ({entry.get('part', 'archive')}: {entry['error']})"
     if args.tokens and record["images"]:
         file = out / str((tokens or {}).get("file"))
         try:
@@ -712,6 +733,18 @@ def shard_status(out: Path, shard: Shard, manifest: dict[str, Any], args: argpar
         if write_id != tokens.get("write_id") or len(names) != record["images"]:
             return f"{file.name} does not belong to {path.name}"
     return None
+
+
+def check_inputs_kept(shards: list[Shard], out: Path) -> None:
+    """``Fatal`` if an output would replace an input shard (parquet files encoded into their own folder)."""
+    inputs = {shard.path.resolve(): shard.path for shard in shards}
+    for shard in shards:
+        for suffix in (".parquet", ".safetensors"):
+            taken = inputs.get((out / f"{shard.name}{suffix}").resolve())
+            if taken is not None:
+                raise Fatal(
+                    f"the outputs of {shard.path} would replace the input {taken}; choose another --out"
+                )
 
 
 # ---------------------------------------------------------------------------------------------- the runs
@@ -746,6 +779,7 @@ def encode_shards(args: argparse.Namespace, kind: str, say: Callable[[str], None
     else:
         args.input = {"format": "webdataset"}
     metas = meta_types(kind, args, shards)
+    check_inputs_kept(shards, out)
     prepare_out(out, say)
     if args.engine == "ray":
         from .ray_data import connect

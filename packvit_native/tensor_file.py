@@ -55,12 +55,15 @@ def write_tensors(
             stack). Pieces may be views of one storage; each is copied out only as far as it is not contiguous.
         metadata: the header's ``__metadata__``.
 
-    Raises ``ValueError`` for a dtype the format lacks or pieces that do not fit together, before anything is
-    written; ``OSError`` as the file's writes raise it (a full disk).
+    Raises ``ValueError`` before anything is written for a dtype the format lacks, pieces that do not fit
+    together or hold no data (sparse, meta), metadata that is not text the format can hold (UTF-8 strings), or
+    a tensor named ``__metadata__``; ``OSError`` as the file's writes raise it (a full disk).
     """
     if sys.byteorder != "little":  # the format is little-endian and pieces are written as they are in memory
         raise ValueError("writing safetensors files needs a little-endian machine")
-    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    header: dict[str, object] = {"__metadata__": _checked_metadata(metadata)} if metadata else {}
+    if "__metadata__" in tensors:
+        raise ValueError("a tensor cannot be named __metadata__: the format keeps that name for the metadata")
     pieces: list[Tensor] = []
     offset = 0
     for name, value in tensors.items():
@@ -83,9 +86,28 @@ def write_tensors(
             file.write(piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+def _checked_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The metadata as it can be stored: the header is UTF-8 JSON, which holds no lone surrogates (what a file
+    name that is not UTF-8 decodes to) and readers expect strings only."""
+    for key, value in metadata.items():
+        for text in (key, value):
+            if not isinstance(text, str):
+                raise ValueError(f"metadata {key!r}: {text!r} is not a string")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"metadata {key!r}: {text!r} is not valid UTF-8 text") from None
+    return dict(metadata)
+
+
 def _joined_shape(name: str, parts: list[Tensor]) -> list[int]:
     if not parts:
         raise ValueError(f"tensor {name!r}: no pieces")
+    for part in parts:
+        if part.layout != torch.strided or part.is_meta:
+            raise ValueError(
+                f"tensor {name!r}: a {part.layout} tensor on {part.device} holds no data to write"
+            )
     first = parts[0]
     if first.dtype not in DTYPE_NAMES:
         raise ValueError(f"tensor {name!r}: safetensors has no dtype for {first.dtype}")

@@ -1,6 +1,7 @@
 """``packvit encode`` end to end: a folder with a corrupt file, token-budget batches, resume, packed output."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -212,3 +213,27 @@ def test_an_unexpected_failure_exits_2_not_1(tiny_reference, folder, tmp_path, m
     assert _encode("--model", tiny_reference("dinov3", "gelu"), "--out", tmp_path / "f", folder) == 2
     err = capsys.readouterr().err
     assert "RuntimeError: a defect" in err and "packvit encode: error: unexpected failure" in err
+
+
+@pytest.mark.parametrize("layout", ["files", "packed"])
+def test_a_file_name_that_is_not_utf8_is_encoded_and_resumed(tiny_reference, tmp_path, capsys, layout):
+    """Linux file names are bytes: one that is not UTF-8 reaches Python with surrogates, which no safetensors
+    header can hold; its output is written (the source kept with the odd bytes escaped) and read back."""
+    images = tmp_path / "images"
+    images.mkdir()
+    name = os.fsdecode(b"caf\xe9")
+    Image.fromarray(np.full((20, 28, 3), 90, np.uint8)).save(images / f"{name}.png")
+    src, out = tiny_reference("dinov3", "gelu"), tmp_path / "out"
+    fmt = ["--format", "packed"] if layout == "packed" else []
+    assert _encode("--model", src, "--out", out, images, *fmt) == 0
+    [written] = out.glob("*.safetensors")
+    with safe_open(written, "pt") as f:
+        meta = f.metadata()
+        assert f.get_tensor("grid_thw").shape == (1, 3)
+    if layout == "files":
+        assert written.name == "caf\\xe9.safetensors" and meta["source"].endswith("caf\\xe9.png")
+    else:
+        assert json.loads(meta["names"]) == ["caf\\xe9"]
+    capsys.readouterr()
+    assert _encode("--model", src, "--out", out, images, *fmt) == 0
+    assert "already in" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """Several ``packvit encode`` runs into one --out at once (e.g. one per GPU, each over its share of the inputs):
 no run may replace another's output."""
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import packvit_native as pv
 import packvit_native.cli as cli
+from packvit_native import atomic
 
 
 def _images(root: Path, stem: str, n: int) -> Path:
@@ -86,3 +89,30 @@ def test_a_part_number_claimed_meanwhile_is_left_alone(tiny_reference, tmp_path,
     with safe_open(out / "part-00000.safetensors", "pt") as f:
         assert json.loads(f.metadata()["names"]) == ["theirs"]
     assert sorted(_parts(out)) == ["theirs", "x00", "x01"]
+
+
+def test_a_claim_marker_left_by_a_killed_run_stops_the_run_saying_what_to_do(
+    tiny_reference, tmp_path, monkeypatch, capsys
+):
+    """On a file system without hard links the manifest is claimed through a marker; a run killed in that
+    moment leaves it, and a later run must not go on without a manifest (which would let other settings mix
+    into the folder)."""
+
+    def no_hard_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    monkeypatch.setattr(cli, "MANIFEST_CLAIM_TRIES", 2)
+    model_dir = pv.from_pretrained(tiny_reference("dinov3", "gelu")).save_pretrained(tmp_path / "model")
+    images, out = _images(tmp_path / "images", "x", 2), tmp_path / "out"
+    out.mkdir()
+    marker = atomic.claim_marker(out / cli.MANIFEST)
+    marker.touch()
+    args = ["encode", "--model", str(model_dir), "--out", str(out), str(images), "--device", "cpu"]
+    assert cli.main(args) == 2
+    assert f"{marker} stays, left by a run killed while claiming it" in capsys.readouterr().err
+    assert not (out / cli.MANIFEST).exists()
+    marker.unlink()
+    assert cli.main(args) == 0 and (out / cli.MANIFEST).is_file()
+    assert cli.main([*args, "--dtype", "bfloat16"]) == 2  # and the manifest guards the folder again
+    assert "other settings" in capsys.readouterr().err

@@ -175,6 +175,78 @@ def test_a_parquet_row_without_key_is_reported_as_that_row(model_dir, tmp_path, 
     assert record["errors"][0] == {"key": None, "part": "row 0", "error": "no key"}
 
 
+def test_a_member_name_that_is_not_utf8_keeps_its_bytes_escaped(tmp_path):
+    import io
+    import os
+    import tarfile
+
+    (_, data, _), *_ = samples(31, 1)
+    with tarfile.open(tmp_path / "x.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo(os.fsdecode(b"caf\xe9.jpg"))
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    [sample] = shards.read_webdataset(tmp_path / "x.tar")
+    assert (sample.key, sample.data, sample.error) == ("caf\\xe9", data, None)
+
+
+def test_rows_after_an_unreadable_row_group_keep_their_numbers(tmp_path):
+    import pyarrow as pa
+
+    rows = [r for r in samples(32, 8) if r[1] != CORRUPT][:5]
+    keys = [k for k, _, _ in rows]
+    keys[3] = None
+    path = tmp_path / "x.parquet"
+    table = pa.table({"key": keys, "image": pa.array([d for _, d, _ in rows], pa.binary())})
+    pq.write_table(table, path, row_group_size=2)
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(1)  # the images of rows 0-1
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start + 30 : start + chunk.total_compressed_size - 5] = b"\xab" * (chunk.total_compressed_size - 35)
+    path.write_bytes(bytes(raw))
+    read = [(s.index, s.key, s.part, s.error is None) for s in shards.read_parquet(path, shards_args())]
+    assert read[0][:3] == (0, None, "row group 0 (rows 0-1)")
+    assert read[1:] == [
+        (2, keys[2], "archive", True),
+        (3, None, "row 3", False),
+        (4, keys[4], "archive", True),
+    ]
+
+
+def test_inputs_and_foreign_files_in_out_are_never_replaced(model_dir, data, tmp_path, capsys):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    for s in range(2):
+        (folder / f"part-{s}.parquet").write_bytes((data / "pq" / f"part-{s}.parquet").read_bytes())
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    args = ["--image-column", "jpg", "--key-column", "id"]
+    assert _encode("--model", model_dir, "--out", folder, folder / "part-{0,1}.parquet", *args) == 2
+    assert "would replace the input" in capsys.readouterr().err
+    # a parquet file of the same name that packvit did not write (the inputs, copied there by hand)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "00000.parquet").write_bytes(before["part-0.parquet"])
+    assert _encode("--model", model_dir, "--out", out, data / "wds" / "00000.tar") == 2
+    assert "00000.parquet is not an output of packvit encode" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert (out / "00000.parquet").read_bytes() == before["part-0.parquet"]
+
+
+def test_a_shard_read_only_in_part_is_read_again_on_rerun(model_dir, data, tmp_path, capsys):
+    whole = (data / "wds" / "00000.tar").read_bytes()
+    shard, out = tmp_path / "00000.tar", tmp_path / "out"
+    shard.write_bytes(whole[: len(whole) // 2])  # still being copied when the first run read it
+    assert _encode("--model", model_dir, "--out", out, shard) == 1
+    first, _, _ = _rows(out / "00000.parquet")
+    shard.write_bytes(whole)
+    assert _encode("--model", model_dir, "--out", out, shard) == 1  # its one corrupt sample stays
+    err = capsys.readouterr().err
+    assert "00000 is redone: part of it could not be read last time (archive: archive " in err
+    keys, _, record = _rows(out / "00000.parquet")
+    assert len(keys) > len(first) and [e["key"] for e in record["errors"]] == ["s00/0002"]
+    assert _encode("--model", model_dir, "--out", out, shard) == 0  # finished now: skipped
+    assert "skipping 1 of 1 shard" in capsys.readouterr().err
+
+
 def shards_args(**given):
     from packvit_native.cli import encode_args
 

@@ -68,3 +68,21 @@ def test_pieces_that_do_not_fit_are_refused_before_writing(bad):
     with pytest.raises(ValueError, match="tensor 'f'"):
         write_tensors(buffer, {"ok": torch.zeros(1), **bad})
     assert buffer.getvalue() == b""
+
+
+@pytest.mark.parametrize(
+    "tensors, metadata, match",
+    [
+        ({"f": torch.zeros(2, device="meta")}, None, "holds no data"),
+        ({"f": torch.zeros(2, 2).to_sparse()}, None, "holds no data"),
+        ({"__metadata__": torch.zeros(1)}, None, "cannot be named __metadata__"),
+        # a file name that is not UTF-8, as Python decodes it: safetensors' reader refuses the escaped surrogate
+        ({"f": torch.zeros(1)}, {"source": "caf\udce9.jpg"}, "not valid UTF-8"),
+        ({"f": torch.zeros(1)}, {"count": 3}, "not a string"),
+    ],
+)
+def test_what_the_format_cannot_hold_is_refused_before_writing(tensors, metadata, match):
+    buffer = io.BytesIO()
+    with pytest.raises(ValueError, match=match):
+        write_tensors(buffer, tensors, metadata)
+    assert buffer.getvalue() == b""
