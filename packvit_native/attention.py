@@ -255,9 +255,20 @@ class Backend:
     def is_available(self, device: torch.device) -> bool:
         if self.min_capability is None:
             return True
-        if device.type != "cuda" or torch.cuda.get_device_capability(device) < self.min_capability:
+        if device.type != "cuda" or _capability(device) < self.min_capability:
             return False
         return _importable(self.module)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_of(index)
+
+
+@functools.cache
+def _capability_of(index: int) -> tuple[int, int]:
+    """A GPU's compute capability, asked once: the question comes with every forward."""
+    return torch.cuda.get_device_capability(index)
 
 
 @functools.cache
@@ -300,7 +311,7 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         if device.type != "cuda":
             why = f"it needs a CUDA GPU and the model is on {device}"
         else:
-            why = f"it is not installed or this GPU (compute capability {torch.cuda.get_device_capability(device)}) is too old"
+            why = f"it is not installed or this GPU (compute capability {_capability(device)}) is too old"
         raise ValueError(
             f"attention backend {name!r} is not available: {why}. To use it: {backend.install}. "
             f"Available here: {available_backends(device)}"

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .attention import resolve_backend
 from .config import EncoderConfig
-from .graphs import BlockGraphs, StaticBatch
+from .graphs import BlockGraphs, ModuleSnapshot, StaticBatch
 from .heads import Merger, build_head
 from .io import save_native
 from .layers import Block, BlockContext, make_norm
@@ -114,7 +114,7 @@ class PackedVisionEncoder(nn.Module):
         )
         self._packings: OrderedDict[tuple, Packing] = OrderedDict()  # recent packings, most recent last
         self._graphs: BlockGraphs | None = None
-        self._graph_params: tuple[int, ...] = ()
+        self._graph_blocks: ModuleSnapshot | None = None
 
     @property
     def device(self) -> torch.device:
@@ -185,7 +185,7 @@ class PackedVisionEncoder(nn.Module):
             self, for chaining. Capture again after moving or replacing parameters (``.to()``, a new
             ``state_dict`` loaded in place is fine).
         """
-        self._graphs, self._graph_params = None, ()
+        self._graphs, self._graph_blocks = None, None
         budgets = tuple(budgets)
         if not budgets:
             return self
@@ -213,11 +213,8 @@ class PackedVisionEncoder(nn.Module):
         # are made outside inference mode, so forwards in any mode can copy into them.
         with torch.cuda.device(self.device), torch.inference_mode(False):
             self._graphs = BlockGraphs.capture(self._all_blocks, budgets, make_batch, backend)
-        self._graph_params = self._block_parameter_addresses()
+        self._graph_blocks = ModuleSnapshot(self.blocks)
         return self
-
-    def _block_parameter_addresses(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for t in (*self.blocks.parameters(), *self.blocks.buffers()))
 
     def _all_blocks(self, x: Tensor, ctx: BlockContext) -> Tensor:
         for block in self.blocks:
@@ -230,7 +227,7 @@ class PackedVisionEncoder(nn.Module):
             return None
         if torch.is_grad_enabled() and x.requires_grad:
             return None
-        if self._block_parameter_addresses() != self._graph_params:
+        if self.blocks is not self._graph_blocks.root or not self._graph_blocks.unchanged():
             raise RuntimeError(
                 "the model's parameters were moved or replaced since capture_graphs; call it again"
             )

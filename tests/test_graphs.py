@@ -9,7 +9,7 @@ import torch
 
 import packvit_native as pv
 from packvit_native.attention import available_backends
-from packvit_native.graphs import StaticBatch
+from packvit_native.graphs import ModuleSnapshot, StaticBatch
 from packvit_native.layers import BlockContext
 
 CASES = [
@@ -18,6 +18,49 @@ CASES = [
     ("qwen2_5_vl", "vlm", [[(1, 4, 6), (2, 2, 4)], [(1, 2, 2)]]),  # windows + merge order + frames
     ("siglip2", "default", [[(1, 3, 4), (1, 2, 2), (1, 1, 5)]]),  # learned positions, no prefix, no RoPE
 ]
+
+
+def _changes(model):
+    """Ways a model's blocks change after a capture, each made on a fresh copy: (name, change, graph stale)."""
+    block = "blocks.0.attn.qkv"
+
+    def replace_weight(m):
+        m.blocks[0].attn.qkv.weight = torch.nn.Parameter(m.blocks[0].attn.qkv.weight.detach().clone())
+
+    def replace_module(m):
+        m.blocks[1].mlp.fc1 = torch.nn.Linear(
+            m.blocks[1].mlp.fc1.in_features, m.blocks[1].mlp.fc1.out_features
+        )
+
+    def move_data(m):
+        m.blocks[0].norm1.weight.data = m.blocks[0].norm1.weight.data.clone()
+
+    def load_in_place(m):
+        m.load_state_dict({k: v * 2 for k, v in m.state_dict().items()})
+
+    def add_attribute(m):
+        m.blocks[0].register_buffer("unused", torch.zeros(1))
+
+    return [
+        ("to float64", lambda m: m.to(torch.float64), True),
+        (f"{block}.weight replaced", replace_weight, True),
+        ("a linear layer replaced", replace_module, True),
+        ("storage swapped under a parameter", move_data, True),
+        ("weights loaded in place", load_in_place, False),
+        ("a buffer no kernel reads added", add_attribute, False),
+    ]
+
+
+def test_module_snapshot_tells_a_stale_graph(tiny_reference):
+    import copy
+
+    model = pv.from_pretrained(tiny_reference("dinov3", "gelu"), attn_backend="sdpa")
+    for name, change, stale in _changes(model):
+        changed = copy.deepcopy(model)
+        snapshot = ModuleSnapshot(changed.blocks)
+        assert snapshot.unchanged()
+        change(changed)
+        assert snapshot.unchanged() is not stale, name
 
 
 def _batch_for(model, budget, max_segments=8, max_seqlen=None):
