@@ -187,7 +187,13 @@ def expected_keys(args: argparse.Namespace) -> set[str]:
 
 
 class OtherSettings(ValueError):
-    """An output that is whole but holds other tensors than these settings write: another run's, not damage."""
+    """A whole safetensors file that holds other tensors than these settings write: another run's (``ours``:
+    its metadata names its source images, as every output of ``packvit encode`` does) or a file of someone
+    else's that happens to have an output's name."""
+
+    def __init__(self, message: str, ours: bool) -> None:
+        super().__init__(message)
+        self.ours = ours
 
 
 def read_output(path: Path, keys: set[str], packed: bool) -> list[str] | None:
@@ -201,7 +207,8 @@ def read_output(path: Path, keys: set[str], packed: bool) -> list[str] | None:
         with safe_open(path, "pt") as f:
             found, metadata = set(f.keys()), f.metadata() or {}
             if found != keys:
-                raise OtherSettings(f"holds tensors {sorted(found)}, expected {sorted(keys)}")
+                ours = "source" in metadata or "names" in metadata
+                raise OtherSettings(f"holds tensors {sorted(found)}, expected {sorted(keys)}", ours)
             grid = f.get_tensor("grid_thw").clone()  # may map the file, which is closed below
             shapes = {k: f.get_slice(k).get_shape() for k in keys if k.startswith("features")}
     except (OSError, SafetensorError) as e:
@@ -244,8 +251,13 @@ class _Writer:
             self.next_part = max(self.next_part, int(number) + 1)
             try:
                 self.done.update(read_output(part, self.keys, packed=True))
-            except OtherSettings as e:  # a concurrent run's with other settings: never moved, refused
-                raise Fatal(f"{part} {e}: it was written with other settings; use another --out") from None
+            except OtherSettings as e:  # a concurrent run's with other settings, or not ours: never moved
+                what = (
+                    "it was written with other settings"
+                    if e.ours
+                    else "it is not an output of packvit encode"
+                )
+                raise Fatal(f"{part} {e}: {what}; use another --out") from None
             except ValueError as e:
                 # Moved out of the way (not deleted) so readers of the folder do not trip over it and the
                 # damaged bytes stay available for a look; its images are simply not counted as done.
@@ -264,7 +276,15 @@ class _Writer:
             return False
         try:
             read_output(path, self.keys, packed=False)
-        except ValueError as e:  # damaged, or another run's: an image's file is simply written again
+        except OtherSettings as e:
+            if not e.ours:  # e.g. a model's weights beside an image of the same name, encoded in place
+                raise Fatal(
+                    f"{path} is not an output of packvit encode ({e}); it is left as it is: move it away or "
+                    f"encode into another --out"
+                ) from None
+            self.say(f"packvit encode: {path} {e}; encoding {item.path} again")
+            return False
+        except ValueError as e:  # damaged: an image's file is simply written again
             self.say(f"packvit encode: {path} is damaged ({e}); encoding {item.path} again")
             return False
         return True

@@ -237,3 +237,24 @@ def test_a_file_name_that_is_not_utf8_is_encoded_and_resumed(tiny_reference, tmp
     capsys.readouterr()
     assert _encode("--model", src, "--out", out, images, *fmt) == 0
     assert "already in" in capsys.readouterr().err
+
+
+def test_a_file_of_someone_elses_named_like_an_output_is_never_replaced(tiny_reference, tmp_path, capsys):
+    """Encoding a folder into itself: model.png beside model.safetensors (a model's weights, say)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((20, 28, 3), 90, np.uint8)).save(images / "model.png")
+    weights = {"encoder.weight": torch.randn(4, 4)}
+    from safetensors.torch import save_file
+
+    save_file(weights, images / "model.safetensors", metadata={"format": "pt"})
+    before = (images / "model.safetensors").read_bytes()
+    src = tiny_reference("dinov3", "gelu")
+    assert _encode("--model", src, "--out", images, images) == 2
+    assert "model.safetensors is not an output of packvit encode" in capsys.readouterr().err
+    assert (images / "model.safetensors").read_bytes() == before
+    (images / "part-00000.safetensors").write_bytes(before)
+    (images / "model.safetensors").unlink()
+    assert _encode("--model", src, "--out", images, images, "--format", "packed") == 2
+    assert "it is not an output of packvit encode" in capsys.readouterr().err
+    assert (images / "part-00000.safetensors").read_bytes() == before

@@ -143,12 +143,18 @@ def test_damaged_per_image_outputs_are_encoded_again(model_dir, tmp_path, capsys
     (out / "a.safetensors").write_bytes(b"")  # a power cut before the data reached the disk
     data = (out / "b.safetensors").read_bytes()
     (out / "b.safetensors").write_bytes(data[: len(data) // 2])  # truncated
-    save_file({"grid_thw": whole[out / "c.safetensors"]["grid_thw"]}, out / "c.safetensors")  # no features
+    # ours (its metadata names its source) but without the features these settings store
+    c = {"grid_thw": whole[out / "c.safetensors"]["grid_thw"]}
+    save_file(c, out / "c.safetensors", metadata={"source": str(images / "c.png")})
     capsys.readouterr()
     assert _encode("--model", model_dir, "--out", out, images) == 0
     err = capsys.readouterr().err
-    for name in "abc":
+    for name in "ab":
         assert f"{out / name}.safetensors is damaged" in err and f"encoding {images / name}.png again" in err
+    assert (
+        f"{out / 'c'}.safetensors holds tensors ['grid_thw']" in err
+        and f"encoding {images / 'c'}.png again" in err
+    )
     assert "skipping 1 of 4 images" in err and "encoded 3 images" in err
     for path, tensors in whole.items():
         again = load_file(path)
