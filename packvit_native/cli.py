@@ -250,7 +250,8 @@ class _Writer:
                 continue
             self.next_part = max(self.next_part, int(number) + 1)
             try:
-                self.done.update(read_output(part, self.keys, packed=True))
+                # path_text: earlier versions stored a name that is not UTF-8 with its bytes as surrogates
+                self.done.update(map(path_text, read_output(part, self.keys, packed=True)))
             except OtherSettings as e:  # a concurrent run's with other settings, or not ours: never moved
                 what = (
                     "it was written with other settings"

@@ -225,7 +225,7 @@ class PackedVisionEncoder(nn.Module):
         """The blocks' output from a captured graph, or ``None`` where this forward must run eagerly."""
         if self._graphs is None or self.training or request.keep or request.depth != self.config.num_layers:
             return None
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled():  # a replay records no autograd history: blocks would get no gradient
             return None
         if self.blocks is not self._graph_blocks.root or not self._graph_blocks.unchanged():
             raise RuntimeError(

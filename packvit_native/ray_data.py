@@ -120,7 +120,7 @@ def _read_shards(
         chunk, errors, count = [], [], 0
         for sample in read_shard(Shard(Path(path), str(name)), args):
             if sample.error is not None:
-                errors.append([sample.index, sample.key, sample.error, sample.part])
+                errors.append([sample.index, sample.key, sample.error, sample.part, sample.retry])
                 continue
             chunk.append(sample)
             count += 1
@@ -379,8 +379,8 @@ def encode_shards_ray(args: argparse.Namespace, plan: Plan, say: Callable[[str],
                 shard = pending[name]
                 for marker in part.filter(pc.greater_equal(part["_count"], 0)).to_pylist():
                     shard.expected = marker["_count"]
-                    for index, key, error, what in json.loads(marker["_errors"]):
-                        shard.result.fail(Sample(index, key, part=what), error, say)
+                    for index, key, error, what, retry in json.loads(marker["_errors"]):
+                        shard.result.fail(Sample(index, key, part=what, retry=retry), error, say)
                 rows = part.filter(pc.less(part["_count"], 0))
                 forward_s += pc.sum(rows["_forward_s"]).as_py() or 0.0
                 _gather(pa, rows, shard.result, plan, args, dtype, say)

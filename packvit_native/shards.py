@@ -35,9 +35,12 @@ Each file is written atomically (:mod:`packvit_native.atomic`), the parquet file
 when its NAME.parquet exists** and its record matches the folder's manifest (and its token file, whole, carries
 the same write id). A rerun skips finished shards and redoes the others from the start, replacing whatever an
 interrupted attempt left, so no sample is ever stored twice. Unreadable samples are listed in the record and
-reported, and the run goes on (exit code 1); a shard with an unreadable *part* (an error without a key) is read
-again by a rerun, since the file may have been read while it was still being written. An existing NAME.parquet
-without a record is not ours and is never replaced (the run stops first), and neither is an input.
+reported, and the run goes on (exit code 1); a shard of which a part could not be read at all (an archive from
+some point on, a parquet file or row group: ``"retry": true`` in its error entry) is read again by a rerun,
+since the file may have been read while it was still being written. What stays wrong on every read (a row
+without a key, a missing column, a corrupt image) is recorded once. An existing NAME.parquet without a record,
+or NAME.safetensors without a write id, is not ours and is never replaced (the run stops first), and neither
+is an input.
 """
 
 from __future__ import annotations
@@ -209,7 +212,9 @@ def find_shards(inputs: list[str]) -> list[Shard]:
 @dataclass
 class Sample:
     """One sample of a shard: its position, key, image bytes and kept metadata, or why it cannot be read.
-    ``part`` names what an error without a key stands for (the rest of an archive, a row, a row group)."""
+    ``part`` names what an error without a key stands for (the rest of an archive, a row, a row group);
+    ``retry`` marks an error a later read may not meet (a file read while still being written, a failing
+    mount), for which a rerun reads the shard again."""
 
     index: int
     key: str | None
@@ -217,6 +222,7 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     part: str = "archive"
+    retry: bool = False
 
 
 def _split_name(name: str) -> tuple[str, str] | None:
@@ -287,14 +293,14 @@ def read_webdataset(path: Path) -> Iterator[Sample]:
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         if key is not None and members:
             yield sample()  # what was read whole before the damage; a cut image fails to decode
-        yield Sample(index, None, error=f"archive unreadable after {plural(index, 'sample')}: {reason(e)}")
+        message = f"archive unreadable after {plural(index, 'sample')}: {reason(e)}"
+        yield Sample(index, None, error=message, retry=True)
         return
     if key is not None:
         yield sample()
     if not ends["marker"]:
-        yield Sample(
-            index, None, error=f"archive cut short after {plural(index, 'sample')}: no end-of-archive block"
-        )
+        message = f"archive cut short after {plural(index, 'sample')}: no end-of-archive block"
+        yield Sample(index, None, error=message, retry=True)
 
 
 def parquet_columns(args: argparse.Namespace) -> tuple[str, str, list[str]]:
@@ -346,7 +352,11 @@ def read_parquet(path: Path, args: argparse.Namespace) -> Iterator[Sample]:
         check_parquet_schema(path, args)
         file = pa.parquet.ParquetFile(path)
     except (ValueError, OSError, pa.ArrowException) as e:
-        yield Sample(0, None, error=str(e), part="file")
+        # A missing or wrong column stays so on every read; a file that cannot be read may be whole later.
+        wrong_columns = isinstance(e, ValueError) and not isinstance(
+            e, (UnreadableParquet, pa.ArrowException)
+        )
+        yield Sample(0, None, error=str(e), part="file", retry=not wrong_columns)
         return
     index, seen = 0, set()
     for group in range(file.num_row_groups):
@@ -359,6 +369,7 @@ def read_parquet(path: Path, args: argparse.Namespace) -> Iterator[Sample]:
                 None,
                 error=f"unreadable: {e}",
                 part=f"row group {group} (rows {index}-{index + rows - 1})",
+                retry=True,
             )
             index += rows
             continue
@@ -584,10 +595,12 @@ class ShardResult:
     images: list[tuple[int, str, Encoded, dict[str, Any]]] = field(
         default_factory=list
     )  # index, key, ..., meta
-    errors: list[tuple[int, dict[str, str | None]]] = field(default_factory=list)  # index, record entry
+    errors: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # index, record entry
 
     def fail(self, sample: Sample, error: str, say: Callable[[str], None]) -> None:
-        entry = {"key": sample.key, "error": error} | ({"part": sample.part} if sample.key is None else {})
+        entry: dict[str, Any] = {"key": sample.key, "error": error}
+        if sample.key is None:
+            entry |= {"part": sample.part} | ({"retry": True} if sample.retry else {})
         self.errors.append((sample.index, entry))
         what = f"sample {sample.key!r}" if sample.key is not None else sample.part
         say(f"packvit encode: {self.shard.path}: {what} skipped: {error}")
@@ -716,7 +729,7 @@ def shard_status(out: Path, shard: Shard, manifest: dict[str, Any], args: argpar
         ):
             return "it was made with other settings or another model"
         tokens = record["tokens"]
-        unread = [e for e in record["errors"] if e["key"] is None]
+        unread = [e for e in record["errors"] if e["key"] is None and e.get("retry")]
     except (KeyError, TypeError, ValueError) as e:
         return f"{path.name} is damaged ({e})"
     if unread:  # the file may have been read while being copied, or over a failing mount: read it again
@@ -735,16 +748,28 @@ def shard_status(out: Path, shard: Shard, manifest: dict[str, Any], args: argpar
     return None
 
 
-def check_inputs_kept(shards: list[Shard], out: Path) -> None:
-    """``Fatal`` if an output would replace an input shard (parquet files encoded into their own folder)."""
+def check_outputs_free(shards: list[Shard], out: Path) -> None:
+    """``Fatal`` if an output would replace an input shard (parquet files encoded into their own folder) or a
+    safetensors file that is not a token file of ours (every one carries a write id; an unreadable one can
+    only be ours, damaged, since ours are written whole)."""
     inputs = {shard.path.resolve(): shard.path for shard in shards}
     for shard in shards:
-        for suffix in (".parquet", ".safetensors"):
-            taken = inputs.get((out / f"{shard.name}{suffix}").resolve())
-            if taken is not None:
-                raise Fatal(
-                    f"the outputs of {shard.path} would replace the input {taken}; choose another --out"
-                )
+        taken = inputs.get((out / f"{shard.name}.parquet").resolve())
+        if taken is not None:
+            raise Fatal(f"the outputs of {shard.path} would replace the input {taken}; choose another --out")
+        tokens = out / f"{shard.name}.safetensors"
+        if not tokens.is_file():
+            continue
+        try:
+            with safe_open(tokens, "pt") as f:
+                metadata = f.metadata() or {}
+        except (OSError, SafetensorError):
+            continue
+        if "write_id" not in metadata:
+            raise Fatal(
+                f"{tokens} is not an output of packvit encode, and the token file of {shard.path} would replace "
+                "it; move it away or encode into another --out"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- the runs
@@ -779,7 +804,7 @@ def encode_shards(args: argparse.Namespace, kind: str, say: Callable[[str], None
     else:
         args.input = {"format": "webdataset"}
     metas = meta_types(kind, args, shards)
-    check_inputs_kept(shards, out)
+    check_outputs_free(shards, out)
     prepare_out(out, say)
     if args.engine == "ray":
         from .ray_data import connect

@@ -258,3 +258,25 @@ def test_a_file_of_someone_elses_named_like_an_output_is_never_replaced(tiny_ref
     assert _encode("--model", src, "--out", images, images, "--format", "packed") == 2
     assert "it is not an output of packvit encode" in capsys.readouterr().err
     assert (images / "part-00000.safetensors").read_bytes() == before
+
+
+def test_a_packed_name_stored_with_surrogates_by_earlier_versions_counts_as_done(
+    tiny_reference, tmp_path, capsys
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((20, 28, 3), 90, np.uint8)).save(images / (os.fsdecode(b"caf\xe9") + ".png"))
+    src, out = tiny_reference("dinov3", "gelu"), tmp_path / "out"
+    assert _encode("--model", src, "--out", out, images, "--format", "packed") == 0
+    [part] = out.glob("part-*.safetensors")
+    tensors = {k: v.clone() for k, v in load_file(part).items()}  # cloned: the file is rewritten below
+    with safe_open(part, "pt") as f:
+        meta = f.metadata()
+    from safetensors.torch import save_file
+
+    # what earlier versions wrote: the name as Python decoded it, escaped by json.dumps
+    save_file(tensors, part, metadata=meta | {"names": json.dumps([os.fsdecode(b"caf\xe9")])})
+    capsys.readouterr()
+    assert _encode("--model", src, "--out", out, images, "--format", "packed") == 0
+    assert "skipping 1 of 1 image" in capsys.readouterr().err
+    assert list(out.glob("part-*.safetensors")) == [part]

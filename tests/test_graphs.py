@@ -157,3 +157,23 @@ def test_replayed_graphs_match_the_eager_forward(tiny_reference, family, variant
         model.to(torch.float32)
         with pytest.raises(RuntimeError, match="capture_graphs"):
             model(p.float(), too_big)
+
+
+def test_graphs_replay_only_where_no_gradient_is_recorded(tiny_reference):
+    """A replay has no autograd history: with gradients enabled (frozen stem, trainable blocks) the blocks run
+    eagerly, so they get their gradients."""
+    model = pv.from_pretrained(tiny_reference("dinov3", "gelu"), attn_backend="sdpa").eval()
+    replays = []
+
+    def replay(x, ctx):
+        replays.append(x.shape)
+        return model._all_blocks(x, ctx)
+
+    model._graphs, model._graph_blocks = replay, ModuleSnapshot(model.blocks)
+    patches, grid = torch.randn(12, model.config.patch_dim), [(1, 3, 4)]
+    model.patch_embed.requires_grad_(False)
+    model(patches, grid).sum().backward()
+    assert not replays and model.blocks[0].mlp.fc1.weight.grad is not None
+    with torch.no_grad():
+        model(patches, grid)
+    assert len(replays) == 1

@@ -150,6 +150,16 @@ def test_an_unreadable_parquet_file_first_is_reported_not_fatal(model_dir, data,
     record = json.loads(empty.schema.metadata[b"packvit"])
     assert empty.num_rows == 0 and "caption" in empty.schema.names
     assert record["errors"][0]["key"] is None and record["errors"][0]["part"] == "file"
+    assert record["errors"][0]["retry"] is True
+    # a later file without a kept column stays so: recorded once, not read again on every rerun
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"id": ["k"], "jpg": pa.array([b"x"], pa.binary())}), folder / "part-2.parquet")
+    assert _encode("--model", model_dir, "--out", out, folder / "part-{1,2}.parquet", *args) == 1
+    assert "part-2.parquet: file skipped: has no column 'caption'" in capsys.readouterr().err
+    assert "retry" not in json.loads(pq.read_schema(out / "part-2.parquet").metadata[b"packvit"])["errors"][0]
+    assert _encode("--model", model_dir, "--out", out, folder / "part-{1,2}.parquet", *args) == 0
+    assert "skipping 2 of 2 shards" in capsys.readouterr().err
     keys, _, record = _rows(out / "part-1.parquet")
     assert keys == [k for k, d, _ in samples(11, PER_SHARD) if d != CORRUPT]
 
@@ -173,6 +183,9 @@ def test_a_parquet_row_without_key_is_reported_as_that_row(model_dir, tmp_path, 
     written, _, record = _rows(out / "rows.parquet")
     assert written == [k for k, d, _ in rows[1:] if d != CORRUPT]
     assert record["errors"][0] == {"key": None, "part": "row 0", "error": "no key"}
+    # a row without a key stays so: the shard is finished, not read again on every rerun
+    assert _encode("--model", model_dir, "--out", out, tmp_path / "rows.parquet") == 0
+    assert "skipping 1 of 1 shard" in capsys.readouterr().err
 
 
 def test_a_member_name_that_is_not_utf8_keeps_its_bytes_escaped(tmp_path):
@@ -229,6 +242,16 @@ def test_inputs_and_foreign_files_in_out_are_never_replaced(model_dir, data, tmp
     assert "00000.parquet is not an output of packvit encode" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert (out / "00000.parquet").read_bytes() == before["part-0.parquet"]
+    # nor a safetensors file where a token file would go, with --tokens (replaced) or without (removed)
+    from safetensors.torch import save_file
+
+    (out / "00000.parquet").unlink()
+    save_file({"weight": torch.ones(2)}, out / "00000.safetensors", metadata={"format": "pt"})
+    weights = (out / "00000.safetensors").read_bytes()
+    for tokens in ([], ["--tokens"]):
+        assert _encode("--model", model_dir, "--out", out, data / "wds" / "00000.tar", *tokens) == 2
+        assert "00000.safetensors is not an output of packvit encode" in capsys.readouterr().err
+        assert (out / "00000.safetensors").read_bytes() == weights and not (out / "00000.parquet").exists()
 
 
 def test_a_shard_read_only_in_part_is_read_again_on_rerun(model_dir, data, tmp_path, capsys):
