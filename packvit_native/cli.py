@@ -449,9 +449,12 @@ def record_manifest(out: Path, manifest: dict[str, Any]) -> None:
             time.sleep(0.05)
         except OSError as e:
             raise Fatal(f"cannot write {out / MANIFEST}: {reason(e)}; {KEPT}") from None
+    marker = atomic.claim_marker(out / MANIFEST)
+    if not marker.exists():  # the name is taken by something that reads as no file: a dangling link
+        raise Fatal(f"cannot record the manifest: {out / MANIFEST} exists but cannot be read; {KEPT}")
     raise Fatal(
-        f"cannot record the manifest in {out}: {atomic.claim_marker(out / MANIFEST)} stays, left by a run killed "
-        f"while claiming it; remove it if no other packvit encode writes into {out}, then rerun; {KEPT}"
+        f"cannot record the manifest in {out}: {marker} stays, left by a run killed while claiming it; remove "
+        f"it if no other packvit encode writes into {out}, then rerun; {KEPT}"
     )
 
 

@@ -116,3 +116,16 @@ def test_a_claim_marker_left_by_a_killed_run_stops_the_run_saying_what_to_do(
     assert cli.main(args) == 0 and (out / cli.MANIFEST).is_file()
     assert cli.main([*args, "--dtype", "bfloat16"]) == 2  # and the manifest guards the folder again
     assert "other settings" in capsys.readouterr().err
+
+
+def test_a_dangling_manifest_link_is_named_not_blamed_on_a_marker(
+    tiny_reference, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(cli, "MANIFEST_CLAIM_TRIES", 2)
+    model_dir = pv.from_pretrained(tiny_reference("dinov3", "gelu")).save_pretrained(tmp_path / "model")
+    images, out = _images(tmp_path / "images", "x", 1), tmp_path / "out"
+    out.mkdir()
+    (out / cli.MANIFEST).symlink_to(tmp_path / "gone.json")
+    args = ["encode", "--model", str(model_dir), "--out", str(out), str(images), "--device", "cpu"]
+    assert cli.main(args) == 2
+    assert f"{out / cli.MANIFEST} exists but cannot be read" in capsys.readouterr().err
