@@ -166,8 +166,9 @@ class PackedVisionEncoder(nn.Module):
         batch fits a budget copies its tokens into that budget's buffers, pads the rest with tokens in
         segments of their own, and replays the graph: one launch for the whole block stack instead of a few
         hundred. Outputs match the eager forward's (padding never meets real tokens; GEMMs over the padded
-        shape may round differently in bf16). Batches that fit no budget, forwards that record gradients or
-        keep intermediate layers (``output_layers``, ``output_hidden_states``, deepstack features) run
+        shape may round differently in bf16). Batches that fit no budget, forwards with gradients enabled
+        (outside ``no_grad``/``inference_mode``: a replay records no autograd history) or that keep
+        intermediate layers (``output_layers``, ``output_hidden_states``, deepstack features) run
         eagerly. See :mod:`packvit_native.graphs`.
 
         Args:

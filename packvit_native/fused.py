@@ -21,8 +21,9 @@ the exact erf form, so it is used on CUDA only and for ``gelu_tanh`` models only
 16-bit activations and weights outside autocast only (in fp32 the epilogue's GELU would replace PyTorch's,
 whose precision it is not documented to match).
 
-``scale_add``: the block's last residual add with layer scale, ``x + gamma * branch``, as one ``torch.addcmul``:
-one pass over the tokens instead of a product and a sum (forward and backward). It computes in fp32 and rounds
+``scale_add``: a residual add with layer scale, ``x + gamma * branch`` (the MLP branch's, and the attention
+branch's where ``add_norm`` does not apply), as one ``torch.addcmul``: one pass over the tokens in the forward
+instead of a product and a sum; the backward is autograd's and gains nothing. It computes in fp32 and rounds
 once, where the PyTorch ops round the product to the activation dtype first; in bf16 the two differ by at most
 one rounding of the product, well inside what the GPU checks allow against the fp32 reference.
 

@@ -11,7 +11,7 @@ an upper bound on every segment's length.
 
 Only the blocks are captured; the stem (patch embedding, position tables, prefix tokens) and the outputs run
 eagerly around them, since they depend on the image sizes in ways a fixed graph cannot follow. Replay is used
-for inference only (no gradients recorded); anything a graph cannot serve (more tokens than the largest budget,
+only with gradients disabled, in eval mode (a replay records no autograd history); anything a graph cannot serve (more tokens than the largest budget,
 more segments than captured, a longer segment, kept intermediate layers) runs eagerly with the same result.
 """
 
