@@ -752,9 +752,12 @@ def check_outputs_free(shards: list[Shard], out: Path) -> None:
     """``Fatal`` if an output would replace an input shard (parquet files encoded into their own folder) or a
     safetensors file that is not a token file of ours (every one carries a write id; an unreadable one can
     only be ours, damaged, since ours are written whole)."""
-    inputs = {shard.path.resolve(): shard.path for shard in shards}
+    # By file identity, not by name: a link, or a case-insensitive file system, gives one file several names.
+    inputs = {_identity(shard.path): shard.path for shard in shards}
+    inputs.pop(None, None)  # unreadable inputs are reported when their turn comes
     for shard in shards:
-        taken = inputs.get((out / f"{shard.name}.parquet").resolve())
+        output = _identity(out / f"{shard.name}.parquet")
+        taken = inputs.get(output) if output is not None else None
         if taken is not None:
             raise Fatal(f"the outputs of {shard.path} would replace the input {taken}; choose another --out")
         tokens = out / f"{shard.name}.safetensors"
@@ -770,6 +773,14 @@ def check_outputs_free(shards: list[Shard], out: Path) -> None:
                 f"{tokens} is not an output of packvit encode, and the token file of {shard.path} would replace "
                 "it; move it away or encode into another --out"
             )
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 # ---------------------------------------------------------------------------------------------- the runs

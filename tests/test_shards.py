@@ -234,6 +234,13 @@ def test_inputs_and_foreign_files_in_out_are_never_replaced(model_dir, data, tmp
     args = ["--image-column", "jpg", "--key-column", "id"]
     assert _encode("--model", model_dir, "--out", folder, folder / "part-{0,1}.parquet", *args) == 2
     assert "would replace the input" in capsys.readouterr().err
+    # the same file under another name (a link; on a case-insensitive file system, PART-0.parquet)
+    aliases = tmp_path / "aliases"
+    aliases.mkdir()
+    (aliases / "part-0.parquet").hardlink_to(folder / "part-0.parquet")
+    assert _encode("--model", model_dir, "--out", aliases, folder / "part-{0,1}.parquet", *args) == 2
+    assert "would replace the input" in capsys.readouterr().err
+    (aliases / "part-0.parquet").unlink()
     # a parquet file of the same name that packvit did not write (the inputs, copied there by hand)
     out = tmp_path / "out"
     out.mkdir()
