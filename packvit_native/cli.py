@@ -285,8 +285,15 @@ class _Writer:
                 ) from None
             self.say(f"packvit encode: {path} {e}; encoding {item.path} again")
             return False
-        except ValueError as e:  # damaged: an image's file is simply written again
-            self.say(f"packvit encode: {path} is damaged ({e}); encoding {item.path} again")
+        except ValueError as e:
+            # Damaged, or not a safetensors file at all (someone else's, a Git LFS pointer): moved aside as a
+            # damaged part is, never overwritten, and the image written again.
+            aside = path.with_name(path.name + ".damaged")
+            with contextlib.suppress(FileNotFoundError):  # a concurrent run moved it first
+                os.replace(path, aside)
+            self.say(
+                f"packvit encode: {path} is damaged ({e}); moved to {aside.name}, encoding {item.path} again"
+            )
             return False
         return True
 

@@ -151,6 +151,8 @@ def test_damaged_per_image_outputs_are_encoded_again(model_dir, tmp_path, capsys
     err = capsys.readouterr().err
     for name in "ab":
         assert f"{out / name}.safetensors is damaged" in err and f"encoding {images / name}.png again" in err
+    assert (out / "a.safetensors.damaged").read_bytes() == b""  # moved aside, not overwritten
+    assert (out / "b.safetensors.damaged").read_bytes() == data[: len(data) // 2]
     assert (
         f"{out / 'c'}.safetensors holds tensors ['grid_thw']" in err
         and f"encoding {images / 'c'}.png again" in err
