@@ -289,8 +289,12 @@ class _Writer:
             # Damaged, or not a safetensors file at all (someone else's, a Git LFS pointer): moved aside as a
             # damaged part is, never overwritten, and the image written again.
             aside = path.with_name(path.name + ".damaged")
-            with contextlib.suppress(FileNotFoundError):  # a concurrent run moved it first
+            try:
                 os.replace(path, aside)
+            except FileNotFoundError:  # a concurrent run moved it first
+                pass
+            except OSError as moving:
+                raise Fatal(f"{path} is damaged ({e}) and cannot be moved aside: {reason(moving)}") from None
             self.say(
                 f"packvit encode: {path} is damaged ({e}); moved to {aside.name}, encoding {item.path} again"
             )
