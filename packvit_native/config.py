@@ -386,10 +386,6 @@ class EncoderConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-# Version 1 recorded the family and left its preprocessing defaults to per-family tables in the runtime; these
-# are the values those tables held, so a version-1 directory keeps loading exactly as it did.
-_V1_BICUBIC_FAMILIES = ("siglip", "aimv2")
-_V1_NAFLEX_FAMILIES = ("siglip2",)
 _V1_POSITIONS = {
     "rope2d": ("none", "normalized"),
     "sincos2d": ("sincos2d", "none"),
@@ -404,8 +400,9 @@ def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"config.positions = {positions!r}; allowed in version 1: {list(_V1_POSITIONS)}")
     data["pos_embed"], data["rope"] = _V1_POSITIONS[positions]
     data["patch_layout"] = PATCH_LAYOUT_ALIASES.get(data.get("patch_layout", "cpp"), data.get("patch_layout"))
-    family = data.get("family")
-    data["resample"] = "bicubic" if family in _V1_BICUBIC_FAMILIES else "bilinear"
-    if family in _V1_NAFLEX_FAMILIES:
-        data["resize_max_patches"] = 256
-    return data
+    # Version 1 recorded the family and left its preprocessing defaults to per-family tables in the runtime;
+    # the family modules keep what those tables held, so a version-1 folder loads exactly as it did (only
+    # version 1 needs the converter package, which ships beside the runtime).
+    from weights_convert.families import version_1_defaults
+
+    return data | {"resample": "bilinear"} | version_1_defaults(data.get("family"))

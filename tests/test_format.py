@@ -1,4 +1,5 @@
-"""Our checkpoint format: loading it needs the runtime alone, and version-1 folders still load as before."""
+"""Our checkpoint format: loading it needs the runtime alone, and version-1 folders (whose family defaults the
+family modules keep) still load as before."""
 
 import json
 import subprocess

@@ -31,12 +31,23 @@ Optional
     ``select_keys(keys, hf_config) -> set[str]``
         the tensor names to read; the rest are reported as dropped without being read (a vision tower inside
         a multi-GB language model). Default: all.
+    ``V1_DEFAULTS``
+        config fields that version-1 configs of the family (which named it and left its preprocessing to
+        per-family tables in the runtime) did not hold, with the values those tables gave them. Default: none.
 
 ``qwen2_5_vl.py`` and ``qwen3_vl.py`` are complete examples of a family with its own stem, windows and heads.
 """
+
+from typing import Any
 
 from . import aimv2, clip, dinov2, dinov3, internvl, metaclip_2, mlcd, qwen2_5_vl, qwen3_vl, siglip, siglip2
 
 FAMILIES = (dinov3, aimv2, siglip, siglip2, qwen2_5_vl, qwen3_vl, dinov2, clip, metaclip_2, mlcd, internvl)
 
-__all__ = ["FAMILIES"]
+__all__ = ["FAMILIES", "version_1_defaults"]
+
+
+def version_1_defaults(family: str | None) -> dict[str, Any]:
+    """The fields a version-1 config of ``family`` left to the runtime (see ``V1_DEFAULTS``)."""
+    module = next((m for m in FAMILIES if family == m.NAME), None)
+    return dict(getattr(module, "V1_DEFAULTS", {}))

@@ -45,6 +45,9 @@ NAME = "aimv2"
 MODEL_TYPES = ("aimv2_vision_model", "aimv2")
 HF_CLASS = "Aimv2VisionModel"
 VARIANTS = ("native", "learned", "head", "two_tower")
+# What a version-1 config of this family left to the runtime's preprocessing tables (see
+# families.version_1_defaults).
+V1_DEFAULTS = {"resample": "bicubic"}
 APPLE_ARCHITECTURES = ["AIMv2Model"]  # Apple's remote-code class; transformers' own class is "Aimv2Model"
 
 # transformers' Aimv2VisionConfig defaults (hub configs may omit them).

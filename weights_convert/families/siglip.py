@@ -34,6 +34,9 @@ NAME = "siglip"
 MODEL_TYPES = ("siglip_vision_model", "siglip")
 HF_CLASS = "SiglipVisionModel"
 VARIANTS = ("default", "no_head", "two_tower")
+# What a version-1 config of this family left to the runtime's preprocessing tables (see
+# families.version_1_defaults).
+V1_DEFAULTS = {"resample": "bicubic"}
 SIGLIP_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 VISION_PREFIX = "vision_model."
 

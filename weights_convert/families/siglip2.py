@@ -30,6 +30,9 @@ NAME = "siglip2"
 MODEL_TYPES = ("siglip2_vision_model", "siglip2")
 HF_CLASS = "Siglip2VisionModel"
 VARIANTS = ("default", "two_tower")
+# What a version-1 config of this family left to the runtime's preprocessing tables (see
+# families.version_1_defaults).
+V1_DEFAULTS = {"resize_max_patches": 256}
 
 # Siglip2VisionConfig: SigLIP's defaults, without image_size, with the table length num_patches.
 DEFAULTS: dict[str, Any] = {
