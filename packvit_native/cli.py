@@ -169,6 +169,19 @@ def save_tensors(
         raise Fatal(f"cannot write {path}: {e}; {KEPT}") from None
 
 
+def _move_aside(path: Path, damage: ValueError) -> Path:
+    """Rename a damaged file to ``NAME.damaged`` and return that path: out of the way of readers of the folder,
+    never overwritten, its bytes kept for a look (it may not even be ours)."""
+    aside = path.with_name(path.name + ".damaged")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:  # a concurrent run moved it first
+        pass
+    except OSError as e:
+        raise Fatal(f"{path} is damaged ({damage}) and cannot be moved aside: {reason(e)}") from None
+    return aside
+
+
 def path_text(path: str | os.PathLike) -> str:
     """``path`` as text any file format can hold: bytes of a name that are not UTF-8 (which Python decodes to
     lone surrogates) shown as ``\\xNN``."""
@@ -259,12 +272,8 @@ class _Writer:
                     else "it is not an output of packvit encode"
                 )
                 raise Fatal(f"{part} {e}: {what}; use another --out") from None
-            except ValueError as e:
-                # Moved out of the way (not deleted) so readers of the folder do not trip over it and the
-                # damaged bytes stay available for a look; its images are simply not counted as done.
-                aside = part.with_name(part.name + ".damaged")
-                with contextlib.suppress(FileNotFoundError):  # a concurrent run moved it first
-                    os.replace(part, aside)
+            except ValueError as e:  # its images are simply not counted as done
+                aside = _move_aside(part, e)
                 self.say(
                     f"packvit encode: {part} is damaged ({e}); moved to {aside.name}, its images are redone"
                 )
@@ -285,16 +294,8 @@ class _Writer:
                 ) from None
             self.say(f"packvit encode: {path} {e}; encoding {item.path} again")
             return False
-        except ValueError as e:
-            # Damaged, or not a safetensors file at all (someone else's, a Git LFS pointer): moved aside as a
-            # damaged part is, never overwritten, and the image written again.
-            aside = path.with_name(path.name + ".damaged")
-            try:
-                os.replace(path, aside)
-            except FileNotFoundError:  # a concurrent run moved it first
-                pass
-            except OSError as moving:
-                raise Fatal(f"{path} is damaged ({e}) and cannot be moved aside: {reason(moving)}") from None
+        except ValueError as e:  # damaged, or not a safetensors file at all (a Git LFS pointer)
+            aside = _move_aside(path, e)
             self.say(
                 f"packvit encode: {path} is damaged ({e}); moved to {aside.name}, encoding {item.path} again"
             )

@@ -753,10 +753,10 @@ def check_outputs_free(shards: list[Shard], out: Path) -> None:
     safetensors file that is not a token file of ours (every one carries a write id; an unreadable one can
     only be ours, damaged, since ours are written whole)."""
     # By file identity, not by name: a link, or a case-insensitive file system, gives one file several names.
-    inputs = {_identity(shard.path): shard.path for shard in shards}
+    inputs = {_file_identity(shard.path): shard.path for shard in shards}
     inputs.pop(None, None)  # unreadable inputs are reported when their turn comes
     for shard in shards:
-        output = _identity(out / f"{shard.name}.parquet")
+        output = _file_identity(out / f"{shard.name}.parquet")
         taken = inputs.get(output) if output is not None else None
         if taken is not None:
             raise Fatal(f"the outputs of {shard.path} would replace the input {taken}; choose another --out")
@@ -775,7 +775,7 @@ def check_outputs_free(shards: list[Shard], out: Path) -> None:
             )
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _file_identity(path: Path) -> tuple[int, int] | None:
     try:
         stat = path.stat()
     except OSError:

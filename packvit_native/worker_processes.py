@@ -217,10 +217,7 @@ class LoadingProcesses:
             out.set_result(None)
             return out
         # No free slot cannot happen through prefetch (see __init__); the patches would travel on their own.
-        try:
-            slot: int | None = self.free.popleft()
-        except IndexError:
-            slot = None
+        slot = self.free.popleft() if self.free else None
         try:
             done = self.pool.submit(_load, source, slot)
         except BrokenProcessPool as e:
