@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -341,6 +343,17 @@ def preprocess(
     )  # fmt: skip
 
 
+# How much lower the scheduling priority of image loading threads and processes is than the run's own.
+LOADING_NICENESS = 10
+
+
+def _loading_thread() -> None:
+    torch.set_num_threads(1)
+    if sys.platform == "linux":  # elsewhere the call would lower the whole process, the forward's thread too
+        me = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, me, os.getpriority(os.PRIO_PROCESS, me) + LOADING_NICENESS)
+
+
 class LoadingThreads(ThreadPoolExecutor):
     """Threads that read and preprocess images beside the forward, each running PyTorch's CPU operators on one
     thread of its own.
@@ -353,11 +366,16 @@ class LoadingThreads(ThreadPoolExecutor):
     ``torch.set_num_threads(1)`` in the pool's threads also lowers the count PyTorch gives threads on their
     first parallel operator, so the creating thread's own count is settled first, and the process's count is
     put back on :meth:`shutdown`.
+
+    With as many loading threads (or ``--processes`` workers) as cores, the thread that launches the forward
+    also waits for a core behind them, for every operator it runs. On Linux the loaders therefore run at a
+    lower scheduling priority (niceness +``LOADING_NICENESS``, per thread): they still take every core nothing
+    else wants.
     """
 
     def __init__(self, workers: int) -> None:
         self.caller_threads = torch.get_num_threads()
-        super().__init__(workers, initializer=torch.set_num_threads, initargs=(1,))
+        super().__init__(workers, initializer=_loading_thread)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         super().shutdown(wait=wait, cancel_futures=cancel_futures)

@@ -41,6 +41,7 @@ from PIL import Image
 from torch import Tensor
 
 from .loading import DTYPES
+from .preprocess import LOADING_NICENESS
 
 __all__ = ["LoadingFailed", "LoadingProcesses"]
 
@@ -81,6 +82,8 @@ def _start(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent to handle
     threading.Thread(target=_end_with, args=(owner,), daemon=True).start()
     torch.set_num_threads(1)  # the processes are the parallelism (see LoadingThreads)
+    if hasattr(os, "nice"):  # not on Windows
+        os.nice(LOADING_NICENESS)  # the thread feeding the GPU gets a core first (see LoadingThreads)
     # --max-decoded-pixels is checked before PIL's own, looser bomb check, whose warning is noise here
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     _settings, _slots = (config, args, rule), slots

@@ -1,7 +1,9 @@
 """pv.preprocess against transformers' own image processors (PIL backends), plus its other input kinds."""
 
+import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -12,7 +14,14 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
 
 import packvit_native as pv
-from packvit_native.preprocess import default_resize, naflex_size, smart_size, target_size
+from packvit_native.preprocess import (
+    LOADING_NICENESS,
+    LoadingThreads,
+    default_resize,
+    naflex_size,
+    smart_size,
+    target_size,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -204,3 +213,18 @@ print([n for n, _ in inside], during, later)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split("\n")[0] == "[1, 1, 1, 1] 3 [3]"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
+def test_loading_threads_run_at_a_lower_priority_than_the_thread_that_made_them():
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = niceness()
+    pool = LoadingThreads(2)
+    try:
+        seen = set(pool.map(lambda _: niceness(), range(8)))
+    finally:
+        pool.shutdown()
+    assert seen == {min(mine + LOADING_NICENESS, 19)}
+    assert niceness() == mine

@@ -23,6 +23,7 @@ from shard_data import CORRUPT, as_files, samples, write_webdataset
 import packvit_native as pv
 from packvit_native import worker_processes
 from packvit_native.cli import main, prefetch
+from packvit_native.preprocess import LOADING_NICENESS
 from packvit_native.shards import preprocess_bytes
 from packvit_native.worker_processes import LoadingFailed, LoadingProcesses
 
@@ -99,6 +100,9 @@ def test_a_worker_that_dies_fails_what_is_queued(model_dir):
         with pytest.raises(ValueError, match="cannot read image"):
             loads.submit(b"not an image").result(timeout=60)
         assert loads.submit(None).result() is None
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        for pid in loads.pool._processes:  # the workers yield cores to the thread feeding the model
+            assert os.getpriority(os.PRIO_PROCESS, pid) == min(mine + LOADING_NICENESS, 19)
         for pid in list(loads.pool._processes):
             os.kill(pid, signal.SIGKILL)
         with pytest.raises(LoadingFailed, match="a loading process ended"):
