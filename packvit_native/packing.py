@@ -24,9 +24,10 @@ Outputs are read from the *sequence*: frame by frame, each frame's prefix tokens
 order. Without windows the block sequence is the sequence and :meth:`Packing.to_sequence` does nothing.
 
 All of it is built once per forward, before the layer loop, from host-side integers: ``cu_seqlens`` is int32,
-``max_seqlen`` a Python int; the per-frame integers are copied to the device without waiting and the
-per-patch index tensors computed there from them (sizes known on the host), so a forward whose ``grid_thw``
-lives on the CPU makes no host-device synchronisation. Blocks then reuse the same metadata instead of
+``max_seqlen`` a Python int; the per-patch indices are whole-array numpy operations on the host, copied to the
+device in one non-blocking transfer, so a forward whose ``grid_thw`` lives on the CPU makes no host-device
+synchronisation and the thread feeding the GPU runs few tensor operations (each one gives up the interpreter
+lock, and with busy loading threads waits to get it back). Blocks then reuse the same metadata instead of
 recomputing it (or reading ``max_seqlen`` back from the GPU) per layer.
 """
 
@@ -56,21 +57,38 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device, non_blocking=True)
 
 
-def _to_device_together(host: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """Copy freshly built CPU integer tensors to ``device`` in one pinned, non-blocking transfer.
+def _to_device_together(host: dict[str, np.ndarray], device: torch.device) -> dict[str, Tensor]:
+    """Host-side integer arrays (int64 or int32) as tensors on ``device``, in one non-blocking transfer.
 
-    Pinning host memory costs milliseconds per call, so a packing pins one buffer, not one per index tensor;
-    on the device the pieces are views of it (int32 pieces are cast there, which is a kernel, not a wait).
+    On a CUDA device the arrays are written into one pinned int64 buffer and copied at once: pinning costs
+    milliseconds per call, and every tensor operation on the host is a point where the thread feeding the GPU
+    gives up the interpreter lock and may wait to get it back, so a packing makes as few as it can. On the
+    device the pieces are views of the buffer (int32 pieces are cast there, a kernel, not a wait).
     """
     if device.type == "cpu":
-        return host
-    flat = _to_device(torch.cat([t.reshape(-1).to(torch.int64) for t in host.values()]), device)
-    out, start = {}, 0
-    for name, t in host.items():
-        piece = flat[start : start + t.numel()].view(t.shape)
-        out[name] = piece if t.dtype == torch.int64 else piece.to(t.dtype)
-        start += t.numel()
+        return {name: torch.from_numpy(a) for name, a in host.items()}
+    flat = torch.empty(
+        sum(a.size for a in host.values()), dtype=torch.int64, pin_memory=device.type == "cuda"
+    )
+    spans, start, staged = {}, 0, flat.numpy()
+    for name, a in host.items():
+        staged[start : start + a.size] = a.reshape(-1)
+        spans[name] = (start, a)
+        start += a.size
+    flat = flat.to(device, non_blocking=True)
+    out = {}
+    for name, (start, a) in spans.items():
+        piece = flat[start : start + a.size]
+        piece = piece if a.ndim == 1 else piece.view(a.shape)
+        out[name] = piece if a.dtype == np.int64 else piece.to(torch.int32)
     return out
+
+
+def _boundaries(lengths: np.ndarray) -> np.ndarray:
+    """int32 ``[S + 1]`` cumulative lengths."""
+    cu = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu[1:])
+    return cu.astype(np.int32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,60 +192,58 @@ def check_merge_size(grid: tuple[tuple[int, int, int], ...], merge_size: int) ->
             )
 
 
-def _patch_indices(frames: Tensor, num_patches: int, merge_size: int) -> dict[str, Tensor]:
-    """Per-patch indices of a batch from its per-frame integers, computed where ``frames`` lives.
+def _patch_indices(
+    frame_sizes: tuple[tuple[int, int], ...], table_start: np.ndarray, merge_size: int
+) -> dict[str, np.ndarray]:
+    """Per-patch indices of a batch from its per-frame sizes, as whole-array numpy operations on the host.
 
-    ``frames`` is int64 ``[4, S]``: each frame's rows ``h``, columns ``w``, first patch in the batch, and first
-    row in the concatenated per-size position tables. A handful of vectorised operations on the device replace
-    per-frame work on the host, whose cost grows with the number of images and, in a process with busy threads
-    (an encoding pipeline), with every operation's wait for the interpreter lock. Returns ``coords`` ``[N, 4]``
-    int32 (row, column, h, w in token order: row-major, or merge order for ``merge_size > 1``), ``segment``
-    ``[N]`` (frame of each patch) and ``size_table_rows`` ``[N]``.
+    ``table_start`` is each frame's first row in the concatenated per-size position tables. Numpy, not
+    PyTorch: a few dozen small tensor operations each give up the interpreter lock and wait to get it back,
+    which in a process with busy loading threads (an encoding pipeline) took longer than the work. Returns
+    ``coords`` ``[N, 4]`` int32 (row, column, h, w in token order: row-major, or merge order for
+    ``merge_size > 1``), ``segment`` ``[N]`` (frame of each patch) and ``size_table_rows`` ``[N]``.
     """
-    h, w, first, table = frames.unbind(0)
-    segment = torch.repeat_interleave(
-        torch.arange(frames.shape[1], device=frames.device), h * w, output_size=num_patches
-    )
-    local = torch.arange(num_patches, device=frames.device) - first[segment]
+    h, w = np.array(frame_sizes, dtype=np.int64).reshape(-1, 2).T
+    counts = h * w
+    segment = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    local = np.arange(len(segment), dtype=np.int64) - (np.cumsum(counts) - counts)[segment]
     hs, ws = h[segment], w[segment]
     m = merge_size
     if m == 1:
-        row = torch.div(local, ws, rounding_mode="floor")
-        col = local - row * ws
+        row, col = np.divmod(local, ws)
     else:  # merge blocks row-major, each block's m x m patches row-major
-        block, within = local.div(m * m, rounding_mode="floor"), local.remainder(m * m)
-        block_cols = ws.div(m, rounding_mode="floor")
-        block_row = block.div(block_cols, rounding_mode="floor")
-        row = block_row * m + within.div(m, rounding_mode="floor")
-        col = (block - block_row * block_cols) * m + within.remainder(m)
+        block, within = np.divmod(local, m * m)
+        block_row, block_col = np.divmod(block, ws // m)
+        row = block_row * m + within // m
+        col = block_col * m + within % m
     return {
-        "coords": torch.stack([row, col, hs, ws], dim=1).to(torch.int32),
+        "coords": np.stack([row, col, hs, ws], axis=1).astype(np.int32),
         "segment": segment,
-        "size_table_rows": table[segment] + row * ws + col,
+        "size_table_rows": table_start[segment] + row * ws + col,
     }
 
 
 def _window_order(
     frame_sizes: tuple[tuple[int, int], ...], merge_size: int, window_size: int
-) -> tuple[Tensor, tuple[int, ...]]:
+) -> tuple[np.ndarray, tuple[int, ...]]:
     """Block order of a windowed model: ``[N]`` input index of each block position, and the window lengths.
 
     Every merge block gets a key (frame, window row, window column). A stable sort by that key lists each
     window's blocks in the order they have in the frame, i.e. row-major inside the window.
     """
     m, side = merge_size, window_size // merge_size  # window side in merge blocks
-    block_rows = torch.tensor([h // m for h, _ in frame_sizes], dtype=torch.int64)  # [S]
-    block_cols = torch.tensor([w // m for _, w in frame_sizes], dtype=torch.int64)
+    h, w = np.array(frame_sizes, dtype=np.int64).reshape(-1, 2).T
+    block_rows, block_cols = h // m, w // m  # [S]
     blocks = block_rows * block_cols
-    win_cols = (block_cols + side - 1) // side
-    windows = ((block_rows + side - 1) // side) * win_cols  # [S] windows per frame
-    frame = torch.repeat_interleave(torch.arange(len(frame_sizes)), blocks)  # [N / m^2]
-    local = torch.arange(int(blocks.sum())) - (torch.cumsum(blocks, 0) - blocks)[frame]
-    row, col = local // block_cols[frame], local % block_cols[frame]
-    key = (torch.cumsum(windows, 0) - windows)[frame] + (row // side) * win_cols[frame] + col // side
-    block_order = torch.sort(key, stable=True).indices  # [N / m^2]
-    lengths = torch.bincount(key, minlength=int(windows.sum())) * (m * m)
-    token_order = (block_order[:, None] * (m * m) + torch.arange(m * m)).flatten()  # [N]
+    win_cols = -(-block_cols // side)
+    windows = -(-block_rows // side) * win_cols  # [S] windows per frame
+    frame = np.repeat(np.arange(len(frame_sizes), dtype=np.int64), blocks)  # [N / m^2]
+    local = np.arange(len(frame), dtype=np.int64) - (np.cumsum(blocks) - blocks)[frame]
+    row, col = np.divmod(local, block_cols[frame])
+    key = (np.cumsum(windows) - windows)[frame] + (row // side) * win_cols[frame] + col // side
+    block_order = np.argsort(key, kind="stable")  # [N / m^2]
+    lengths = np.bincount(key, minlength=int(windows.sum())) * (m * m)
+    token_order = (block_order[:, None] * (m * m) + np.arange(m * m, dtype=np.int64)).reshape(-1)  # [N]
     return token_order, tuple(lengths.tolist())
 
 
@@ -312,34 +328,32 @@ class Packing:
         table_start = dict(
             zip(distinct, itertools.accumulate([h * w for h, w in distinct][:-1], initial=0), strict=True)
         )
-        patch_start = tuple(itertools.accumulate(patch_lengths[:-1], initial=0))
-        per_frame = [[h for h, _ in frame_sizes], [w for _, w in frame_sizes], list(patch_start)]
-        per_frame.append([table_start[size] for size in frame_sizes])
-        host = {
-            "per_frame": torch.tensor(per_frame, dtype=torch.int64),  # [4, S]
-            "frames": Segments.host_boundaries(tuple(n + num_prefix for n in patch_lengths)),
-            "frame_patches": Segments.host_boundaries(patch_lengths),
-        }
+        host = _patch_indices(
+            frame_sizes, np.array([table_start[size] for size in frame_sizes], dtype=np.int64), merge_size
+        )
+        lengths = np.array(patch_lengths, dtype=np.int64)
+        host["frames"] = _boundaries(lengths + num_prefix)
+        host["frame_patches"] = _boundaries(lengths)
+        if num_prefix:
+            host["patch_rows"] = (
+                np.arange(len(host["segment"]), dtype=np.int64) + (host["segment"] + 1) * num_prefix
+            )
+            frame_token_start = host["frames"][:-1].astype(np.int64)  # [S]
+            host["prefix_rows"] = (
+                frame_token_start[:, None] + np.arange(num_prefix, dtype=np.int64)
+            ).reshape(-1)
         window_lengths = ()
         if window_size:
             order, window_lengths = _window_order(frame_sizes, merge_size, window_size)
             host["block_order"] = order
-            host["block_rows"] = torch.empty_like(order).scatter_(0, order, torch.arange(len(order)))
-            host["windows"] = Segments.host_boundaries(window_lengths)
-        # One small transfer (per-frame integers and boundaries); the per-patch indices are made on the device.
+            host["block_rows"] = np.empty_like(order)
+            host["block_rows"][order] = np.arange(len(order), dtype=np.int64)
+            host["windows"] = _boundaries(np.array(window_lengths, dtype=np.int64))
+        # Everything is computed here and sent in one small transfer (about 40 bytes per patch).
         dev = _to_device_together(host, device)
-        num_patches = sum(patch_lengths)
-        indices = _patch_indices(dev["per_frame"], num_patches, merge_size)
-        if num_prefix:
-            segment = indices["segment"]
-            dev["patch_rows"] = torch.arange(num_patches, device=device) + (segment + 1) * num_prefix
-            frame_token_start = dev["frames"][:-1].to(torch.int64)  # [S]
-            dev["prefix_rows"] = (
-                frame_token_start[:, None] + torch.arange(num_prefix, device=device)
-            ).flatten()
 
         def segments(name: str, lengths: tuple[int, ...]) -> Segments:
-            return Segments(dev[name], max(lengths), lengths, host[name])
+            return Segments(dev[name], max(lengths), lengths, torch.from_numpy(host[name]))
 
         return cls(
             grid=grid,
@@ -352,10 +366,10 @@ class Packing:
             prefix_rows=dev.get("prefix_rows"),
             block_order=dev.get("block_order"),
             block_rows=dev.get("block_rows"),
-            patch_coords=indices["coords"],
-            patch_segment=indices["segment"],
+            patch_coords=dev["coords"],
+            patch_segment=dev["segment"],
             distinct_sizes=distinct,
-            size_table_rows=indices["size_table_rows"],
+            size_table_rows=dev["size_table_rows"],
             merge_size=merge_size,
             window_size=window_size,
         )
