@@ -5,8 +5,10 @@ new file gets under the process umask (as ``cp`` does: ``0o666 & ~umask``, folde
 only then renamed into place, after which the folder itself is flushed so the rename survives a power cut.
 A reader therefore sees the complete old version or the complete new one, never a mix or a truncated file.
 
-Temporary names carry the writer's host and process id: ``.NAME.HOST.PID.RANDOM.tmp``, and the writer holds an
-exclusive ``flock`` on its temporary file or folder while it writes. A later run removes a leftover only if
+Temporary names carry the writer's host and process id: ``.NAME.HOST.PID.RANDOM.tmp`` (``.aside`` for a replaced
+folder moved aside where folders cannot be swapped in one step), and the writer holds an exclusive ``flock`` on
+its temporary file or folder while it writes. Nothing else in the folder is ever touched: a user's own
+``.NAME.previous`` or backup stays. A later run removes a leftover only if
 its process is gone from this host *and* nobody holds its lock (:func:`remove_stale`): a concurrent run in
 another PID namespace that shares the host name keeps its files.
 """
@@ -20,7 +22,9 @@ import fcntl
 import os
 import secrets
 import shutil
+import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +40,8 @@ __all__ = [
 ]
 
 _UMASK_LOCK = threading.Lock()
-_RENAME_EXCHANGE = 2  # linux/fs.h
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_RENAME_EXCHANGE = 2
 
 
 def _umask() -> int:
@@ -66,9 +71,10 @@ def _host() -> str:
     return "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname()) or "host"
 
 
-def temp_name(name: str) -> str:
-    """A fresh temporary sibling name for ``name`` that records this host and process."""
-    return f".{name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+def temp_name(name: str, kind: str = "tmp") -> str:
+    """A fresh temporary sibling name for ``name`` that records this host and process; ``kind`` ``"aside"``
+    names a replaced folder moved aside (see :func:`remove_stale`)."""
+    return f".{name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
 
 
 def _fsync(path: Path) -> None:
@@ -149,20 +155,70 @@ def write_file(path: Path, write: Callable[[Path], None], *, exclusive: bool = F
         tmp.unlink(missing_ok=True)
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where that is unsupported."""
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux ``renameat2``; ``False`` where it, or ``flags`` on this file system, is unsupported."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         return False
     at_fdcwd = -100
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
-    raise OSError(err, os.strerror(err), str(b))
+    raise OSError(err, os.strerror(err), str(b))  # EEXIST becomes FileExistsError, ENOENT FileNotFoundError
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (``RENAME_EXCHANGE``); ``False`` where that is unsupported."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _rename_new(a: Path, b: Path) -> None:
+    """Rename ``a`` to ``b``, raising ``FileExistsError`` if ``b`` exists: in one step where the system can
+    (``RENAME_NOREPLACE``); elsewhere checked first, so a folder made at ``b`` in between, if empty, is replaced."""
+    if _renameat2(a, b, _RENAME_NOREPLACE):
+        return
+    if b.exists() or b.is_symlink():
+        raise FileExistsError(errno.EEXIST, "exists", str(b))
+    os.rename(a, b)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a folder as far as possible, entering read-only folders (an old checkpoint kept 0555)."""
+
+    def writable_then_retry(func: Callable[..., object], entry: str, *_: object) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(entry), 0o700)
+            func(entry)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=writable_then_retry)
+    else:
+        shutil.rmtree(path, onerror=writable_then_retry)
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred(message: str):
+    """Hold off Ctrl-C for the block (main thread only) and raise it after, saying ``message``: a step that must
+    not stop halfway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt(message)
 
 
 def replace_dir(out: Path, fill: Callable[[Path], None], *, force: bool = False) -> Path:
@@ -190,30 +246,52 @@ def replace_dir(out: Path, fill: Callable[[Path], None], *, force: bool = False)
     tmp.mkdir(mode=0o700)
     try:
         with _locked(tmp):
-            _fill_and_place(tmp, out, fill)
+            _fill_and_place(tmp, out, fill, force)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_tree(tmp)
     return out
 
 
-def _fill_and_place(tmp: Path, out: Path, fill: Callable[[Path], None]) -> None:
+def _fill_and_place(tmp: Path, out: Path, fill: Callable[[Path], None], force: bool) -> None:
     fill(tmp)
     for f in tmp.iterdir():
         _fsync(f)
         os.chmod(f, new_file_mode())
     os.chmod(tmp, new_dir_mode())
     _fsync(tmp)
-    if not out.exists():
-        os.rename(tmp, out)
-    elif _exchange(tmp, out):
-        shutil.rmtree(tmp)  # tmp now holds the previous folder
-    else:
-        aside = out.parent / f".{out.name}.previous"
-        os.rename(out, aside)
-        os.rename(tmp, out)
-        shutil.rmtree(aside)
-    _fsync(out.parent)
+    # From here the new folder is complete: once it is in place the call succeeds, Ctrl-C or not, and a
+    # failure to remove the old folder leaves a stale temporary for a later run, not an error.
+    with _ctrl_c_deferred(f"{out} was written in full before the interrupt"):
+        old = _place(tmp, out, force)
+        _fsync(out.parent)
+        if old is not None:
+            _remove_tree(old)
+
+
+def _place(tmp: Path, out: Path, force: bool) -> Path | None:
+    """Put ``tmp`` in place as ``out``; the previous ``out`` (now under another name, to remove) or ``None``.
+
+    Without ``force`` a folder that appeared under ``out`` since the caller checked is never replaced."""
+    while True:
+        try:
+            _rename_new(tmp, out)
+            return None
+        except FileExistsError:
+            if not force:
+                raise FileExistsError(
+                    f"{out} appeared while this was being written; it is left as it is"
+                ) from None
+        try:
+            if _exchange(tmp, out):
+                return tmp  # tmp now holds the previous folder
+        except FileNotFoundError:
+            continue  # out went away in between: place the new folder as new
+        aside = out.parent / temp_name(out.name, "aside")
+        with _locked(out):  # the lock goes with the folder: a concurrent run leaves it alone
+            os.rename(out, aside)
+            os.rename(tmp, out)
+        return aside
 
 
 def _pid_alive(pid: int) -> bool:
@@ -250,22 +328,20 @@ def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
     removed = []
     host = _host()
     for entry in folder.iterdir():
-        parts = entry.name.rsplit(".", 4)  # ['.NAME', HOST, PID, RANDOM, 'tmp']
-        if len(parts) != 5 or parts[4] != "tmp" or not parts[2].isdigit() or parts[1] != host:
+        parts = entry.name.rsplit(".", 4)  # ['.NAME', HOST, PID, RANDOM, 'tmp' or 'aside']
+        if len(parts) != 5 or parts[4] not in ("tmp", "aside") or not parts[2].isdigit() or parts[1] != host:
             continue
         if name is not None and parts[0] != f".{name}":
             continue
         if _pid_alive(int(parts[2])) or entry.is_symlink() or _in_use(entry):
             continue
+        target = folder / parts[0][1:]
+        if parts[4] == "aside" and entry.is_dir() and not target.exists() and not target.is_symlink():
+            os.rename(entry, target)  # a kill fell between the two renames of a replacement: undo it
+            continue
         if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove_tree(entry)
         else:
             entry.unlink(missing_ok=True)
         removed.append(entry)
-    for aside in folder.glob(".*.previous") if name is None else [folder / f".{name}.previous"]:
-        target = folder / aside.name[1 : -len(".previous")]
-        if aside.is_dir() and not target.exists():
-            os.rename(aside, target)  # a kill fell between the two renames of a replacement: undo it
-        elif aside.is_dir():
-            shutil.rmtree(aside, ignore_errors=True)
     return removed

@@ -122,6 +122,8 @@ def save_native(
         raise
     except OSError as e:  # the failing path is a temporary sibling the user never asked for: name out_dir
         raise CheckpointWriteError(f"{out}: cannot write the checkpoint there: {e.strerror or e}") from None
+    except SafetensorError as e:  # safetensors' own error for a failed write (a full disk, ...)
+        raise CheckpointWriteError(f"{out}: cannot write the checkpoint there: {e}") from None
 
 
 def _load_config(file: Path) -> EncoderConfig:

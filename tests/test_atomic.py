@@ -3,6 +3,7 @@
 import contextlib
 import errno
 import os
+import signal
 import subprocess
 import sys
 
@@ -104,16 +105,66 @@ def test_kill_between_the_fallback_renames_is_undone_by_the_next_run(tmp_path, m
 
     def killed_after_first_rename(src, dst):
         real_rename(src, dst)
-        if str(dst).endswith(".previous"):
+        if str(dst).endswith(".aside"):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(atomic.os, "rename", killed_after_first_rename)
     with pytest.raises(KeyboardInterrupt):
         atomic.replace_dir(out, _fill("b"), force=True)
     monkeypatch.setattr(atomic.os, "rename", real_rename)
-    assert not out.exists() and (tmp_path / ".out.previous").is_dir()
+    (aside,) = tmp_path.glob(".out.*.aside")
+    assert not out.exists() and aside.is_dir()
+    atomic.remove_stale(tmp_path, "out")
+    assert aside.exists()  # its writer (this process) is alive
+    monkeypatch.setattr(atomic, "_pid_alive", lambda pid: False)
     atomic.remove_stale(tmp_path, "out")
     assert (out / "config.json").read_text() == "a"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_users_previous_folder_is_never_touched(tmp_path, force):
+    out, mine = tmp_path / "model", tmp_path / ".model.previous"
+    mine.mkdir()
+    (mine / "NOTES.txt").write_text("backup")
+    if force:
+        atomic.replace_dir(out, _fill("a"))
+    atomic.replace_dir(out, _fill("b"), force=force)
+    assert (mine / "NOTES.txt").read_text() == "backup"
+    assert (out / "config.json").read_text() == "b"
+
+
+def test_a_folder_that_appears_while_writing_is_kept_without_force(tmp_path):
+    out = tmp_path / "out"
+
+    def fill(folder):
+        (folder / "config.json").write_text("new")
+        out.mkdir()  # another run, or the user, made it meanwhile
+        (out / "notes.txt").write_text("mine")
+
+    with pytest.raises(FileExistsError, match="appeared while"):
+        atomic.replace_dir(out, fill)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_empty_folder_that_appears_while_writing_is_kept_without_force(tmp_path):
+    if sys.platform != "linux":
+        pytest.skip("replacing an empty folder is refused in one step only with renameat2")
+    out = tmp_path / "out"
+    with pytest.raises(FileExistsError):
+        atomic.replace_dir(out, lambda folder: (folder / "x").write_text("x") and out.mkdir())
+    assert out.is_dir() and not any(out.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")
+def test_a_read_only_old_folder_is_replaced_and_removed(tmp_path):
+    out = tmp_path / "out"
+    atomic.replace_dir(out, _fill("a"))
+    out.chmod(0o555)
+    atomic.replace_dir(out, _fill("b"), force=True)
+    assert (out / "config.json").read_text() == "b"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_exchange_swaps_in_one_step_on_linux(tmp_path):
@@ -215,3 +266,20 @@ def test_safetensors_are_written_into_the_locked_file_that_is_renamed(tmp_path, 
     assert locked == [target.stat().st_ino]
     assert torch.equal(load_file(target)["x"], torch.arange(6.0))
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
+
+
+def test_ctrl_c_while_the_new_folder_is_put_in_place_lets_that_finish(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    atomic.replace_dir(out, _fill("a"))
+    real_place = atomic._place
+
+    def interrupted_place(tmp, target, force):
+        signal.raise_signal(signal.SIGINT)
+        return real_place(tmp, target, force)
+
+    monkeypatch.setattr(atomic, "_place", interrupted_place)
+    with pytest.raises(KeyboardInterrupt, match="written in full"):
+        atomic.replace_dir(out, _fill("b"), force=True)
+    assert (out / "config.json").read_text() == "b"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import packvit_native as pv
 from packvit_native.encoder import RECENT_PACKINGS
@@ -147,11 +148,15 @@ def test_failed_overwrite_keeps_the_previous_checkpoint(tiny_reference, tmp_path
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        model.save_pretrained(out, force=True)
-    assert (out / "model.safetensors").read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["saved"], "no temporary directories left behind"
+    def disk_full_as_safetensors_says(tensors, path, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    for failing in (disk_full, disk_full_as_safetensors_says):
+        monkeypatch.setattr(io, "save_file", failing)
+        with pytest.raises(io.CheckpointWriteError, match=f"{out}: cannot write .*No space left"):
+            model.save_pretrained(out, force=True)
+        assert (out / "model.safetensors").read_bytes() == before
+        assert [p.name for p in tmp_path.iterdir()] == ["saved"], "no temporary directories left behind"
 
 
 def test_recent_packings_are_reused_per_model(tiny_reference):

@@ -1,7 +1,8 @@
 """``packvit-convert SRC OUT_DIR``: convert a transformers checkpoint (hub id or local dir) to packvit-native.
 
 Exit codes: 0 converted; 2 an error, reported on one line as ``packvit-convert: error: <file>: <problem>`` and
-nothing written; 130 interrupted (Ctrl-C), nothing written.
+nothing written; 130 interrupted (Ctrl-C), nothing written unless the message says OUT was written in full
+(Ctrl-C in the moment the finished folder was being put in place).
 """
 
 from __future__ import annotations
@@ -80,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, OSError) as e:  # OSError: e.g. FileExistsError, OUT appeared while converting
         print(f"packvit-convert: error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:  # the temporary folder is already gone: replace_dir cleans up on any exception
-        print("packvit-convert: interrupted", file=sys.stderr)
+    except (
+        KeyboardInterrupt
+    ) as e:  # the temporary folder is already gone: replace_dir cleans up on any exception
+        print(f"packvit-convert: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
