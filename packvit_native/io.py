@@ -8,6 +8,7 @@ file and the problem.
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from torch import Tensor
 from .atomic import replace_dir
 from .config import FORMAT_NAME, EncoderConfig
 from .errors import CheckpointError
+
+# How often a checkpoint replaced while being read is read again before giving up.
+READ_TRIES = 3
 
 __all__ = ["CheckpointWriteError", "check_regular_file", "is_native_dir", "load_native", "save_native"]
 
@@ -158,4 +162,20 @@ def load_native(path: Path) -> tuple[EncoderConfig, dict[str, Tensor]]:
     Raises:
         CheckpointError: a file is missing, unreadable, corrupt, or describes an invalid model.
     """
-    return _load_config(path / "config.json"), _load_weights(path / "model.safetensors")
+    # The two files are read one after the other: a checkpoint replaced in between (``save_pretrained(force=True)``
+    # swaps in a new folder) would pair one's config with the other's weights. The folder itself tells:
+    # every write makes a new one, so the same folder before and after means both files came from it.
+    for _ in range(READ_TRIES):
+        before = _folder_identity(path)
+        config, state = _load_config(path / "config.json"), _load_weights(path / "model.safetensors")
+        if _folder_identity(path) == before:
+            return config, state
+    raise CheckpointError(f"{path} was replaced while being read, {READ_TRIES} times in a row; load it again")
+
+
+def _folder_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -199,3 +199,25 @@ def test_rotary_tables_are_kept_from_the_second_eval_forward_over_a_packing(tiny
     for _ in range(2):
         model.positions(fresh, torch.float32)
     assert not fresh.memo  # training (augmentation) keeps nothing
+
+
+def test_a_checkpoint_replaced_while_being_read_is_read_again(tiny_reference, tmp_path, monkeypatch):
+    """save_pretrained(force=True) between reading config.json and model.safetensors must not give one
+    checkpoint's config with the other's weights: the loader notices the new folder and reads both again."""
+    import packvit_native.io as io
+
+    model = pv.from_pretrained(tiny_reference("dinov3", "gelu"))
+    out = model.save_pretrained(tmp_path / "saved")
+    newer = {k: v + 1 for k, v in model.state_dict().items()}
+    real_load_weights, calls = io._load_weights, []
+
+    def replaced_in_between(file):
+        calls.append(file)
+        if len(calls) == 1:
+            io.save_native(out, model.config, newer, force=True)
+        return real_load_weights(file)
+
+    monkeypatch.setattr(io, "_load_weights", replaced_in_between)
+    config, state = io.load_native(out)
+    assert len(calls) == 2 and config == model.config
+    assert all(torch.equal(state[k], newer[k]) for k in newer)
