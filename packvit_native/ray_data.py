@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cli import Fatal, capture_graphs, default_dtype, encode_args, load_model, resize_rule
+from .cli import KEPT, Fatal, capture_graphs, default_dtype, encode_args, load_model, resize_rule
 from .shards import (
     Encoded,
     Plan,
@@ -103,14 +103,23 @@ def _read_shards(
     """Read stage: each shard's samples in chunks, then its end-of-shard row."""
     import pyarrow as pa
 
-    def table(samples: list[Sample], name: str, count: int = -1, errors: str | None = None) -> Any:
+    def kept(column: str, kind: Any, samples: list[Sample], path: str) -> Any:
+        try:
+            return pa.array([s.meta.get(column) for s in samples] or [None], kind)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # the type comes from the first shard, as locally
+            raise Fatal(
+                f"--keep-columns {column}: {path} holds values that do not fit the column's type in the first "
+                f"shard ({kind}): {e}; drop the column or encode such shards apart; {KEPT}"
+            ) from None
+
+    def table(samples: list[Sample], name: str, path: str, count: int = -1, errors: str | None = None) -> Any:
         return pa.table(
             {
                 "_shard": pa.array([name] * max(len(samples), 1), pa.string()),
                 "_index": pa.array([s.index for s in samples] or [-1], pa.int64()),
                 "key": pa.array([s.key for s in samples] or [None], pa.string()),
                 IMAGE: pa.array([s.data for s in samples] or [None], pa.binary()),
-                **{c: pa.array([s.meta.get(c) for s in samples] or [None], t) for c, t in metas.items()},
+                **{c: kept(c, t, samples, path) for c, t in metas.items()},
                 "_count": pa.array([count] * max(len(samples), 1), pa.int64()),
                 "_errors": pa.array([errors] * max(len(samples), 1), pa.string()),
             }
@@ -125,11 +134,11 @@ def _read_shards(
             chunk.append(sample)
             count += 1
             if len(chunk) == READ_CHUNK:
-                yield table(chunk, name)
+                yield table(chunk, name, path)
                 chunk = []
         if chunk:
-            yield table(chunk, name)
-        yield table([], name, count, json.dumps(errors))
+            yield table(chunk, name, path)
+        yield table([], name, path, count, json.dumps(errors))
 
 
 def _decode(
@@ -278,6 +287,8 @@ def _pipeline(
     timing: bool,
 ) -> Any:
     ray = _ray()
+    if Path(args.model).is_dir():  # a local folder, named so that workers started elsewhere find it too
+        args = argparse.Namespace(**{**vars(args), "model": str(Path(args.model).absolute())})
     ds = ds.map_batches(
         _decode, batch_format="pyarrow", batch_size=DECODE_BATCH, num_cpus=1,
         fn_kwargs={"config": config, "args": args, "rule": rule, "image_column": image_column},
@@ -364,7 +375,9 @@ def encode_shards_ray(args: argparse.Namespace, plan: Plan, say: Callable[[str],
 
     ray = _ray()
     ds = ray.data.from_items(
-        [{"path": str(s.path), "name": s.name} for s in plan.todo], override_num_blocks=len(plan.todo)
+        # absolute: the workers of a cluster started elsewhere resolve a relative path in their own folder
+        [{"path": str(Path(s.path).absolute()), "name": s.name} for s in plan.todo],
+        override_num_blocks=len(plan.todo),
     )
     ds = ds.map_batches(_read_shards, batch_size=1, num_cpus=1, fn_kwargs={"args": args, "metas": plan.metas})
     ds = _pipeline(ds, args, plan.config, plan.rule, plan.sha256, IMAGE, timing=True)
@@ -373,21 +386,27 @@ def encode_shards_ray(args: argparse.Namespace, plan: Plan, say: Callable[[str],
     forward_s = 0.0
     dtype = getattr(torch, args.dtype)
     try:
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for name in set(table.column("_shard").to_pylist()):
-                part = table.filter(pc.equal(table["_shard"], name))
-                shard = pending[name]
-                for marker in part.filter(pc.greater_equal(part["_count"], 0)).to_pylist():
-                    shard.expected = marker["_count"]
-                    for index, key, error, what, retry in json.loads(marker["_errors"]):
-                        shard.result.fail(Sample(index, key, part=what, retry=retry), error, say)
-                rows = part.filter(pc.less(part["_count"], 0))
-                forward_s += pc.sum(rows["_forward_s"]).as_py() or 0.0
-                _gather(pa, rows, shard.result, plan, args, dtype, say)
-                shard.received += rows.num_rows
-                if shard.expected is not None and shard.received == shard.expected and not shard.done:
-                    shard.done = True
-                    finish_shard(shard.result, plan, args, writes, stats, first)
+        try:
+            for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for name in set(table.column("_shard").to_pylist()):
+                    part = table.filter(pc.equal(table["_shard"], name))
+                    shard = pending[name]
+                    for marker in part.filter(pc.greater_equal(part["_count"], 0)).to_pylist():
+                        shard.expected = marker["_count"]
+                        for index, key, error, what, retry in json.loads(marker["_errors"]):
+                            shard.result.fail(Sample(index, key, part=what, retry=retry), error, say)
+                    rows = part.filter(pc.less(part["_count"], 0))
+                    forward_s += pc.sum(rows["_forward_s"]).as_py() or 0.0
+                    _gather(pa, rows, shard.result, plan, args, dtype, say)
+                    shard.received += rows.num_rows
+                    if shard.expected is not None and shard.received == shard.expected and not shard.done:
+                        shard.done = True
+                        finish_shard(shard.result, plan, args, writes, stats, first)
+        except Exception as e:  # a stage's Fatal comes back wrapped in Ray's task error: say it as locally
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, Fatal):
+                raise Fatal(str(cause)) from None
+            raise
         missing = [name for name, shard in pending.items() if not shard.done]
         if missing:
             raise Fatal(

@@ -657,6 +657,8 @@ def write_shard(
                 columns[column] = _fixed_list(pa, np.stack([e.rows[column] for _, _, e, _ in images]))
             elif not images and column == "embedding":
                 columns[column] = _fixed_list(pa, np.zeros((0, config.hidden_size), np.float32))
+            elif not images and config.projection_dim is not None:  # every shard's file has the same columns
+                columns[column] = _fixed_list(pa, np.zeros((0, config.projection_dim), np.float32))
         for column, kind in metas.items():
             try:
                 columns[column] = pa.array([meta.get(column) for _, _, _, meta in images], kind)
@@ -805,10 +807,12 @@ def encode_shards(args: argparse.Namespace, kind: str, say: Callable[[str], None
     _pyarrow()
     out = Path(args.out)
     shards = share(find_shards(args.inputs), args.num_shards, args.shard_index, lambda s: s.name)
-    if not shards:
-        raise Fatal(
-            f"--shard-index {args.shard_index} of --num-shards {args.num_shards} has no shard to encode"
+    if not shards:  # more runs than shards: this one has nothing to do, and must not fail its job array
+        say(
+            f"packvit encode: --shard-index {args.shard_index} of --num-shards {args.num_shards} has no shard "
+            "to encode; nothing to do"
         )
+        return 0
     if kind == "parquet":
         image, key, keep = parquet_columns(args)
         args.input = {"format": "parquet", "image_column": image, "key_column": key, "keep_columns": keep}

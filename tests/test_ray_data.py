@@ -87,6 +87,26 @@ def test_ray_engine_reads_parquet_with_kept_columns(model_dir, tmp_path, capsys)
             ).read_bytes()
 
 
+def test_kept_columns_of_another_type_stop_both_engines_with_one_line(model_dir, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_parquet(tmp_path / "pq", shards=2, per_shard=3)
+    second = tmp_path / "pq" / "part-1.parquet"
+    table = pq.read_table(second)
+    ints = pa.array(range(table.num_rows), pa.int64())
+    pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption", ints), second)
+    args = ["--model", model_dir, tmp_path / "pq" / "part-{0..1}.parquet", "--image-column", "jpg"]
+    args += ["--key-column", "id", "--keep-columns", "caption"]
+    for engine in (["--engine", "ray", "--gpus-per-worker", 0], ["--device", "cpu"]):
+        assert _encode(*args, "--out", tmp_path / engine[1], *engine) == 2
+        ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("packvit encode: ")]
+        assert ours[-1].startswith("packvit encode: error: --keep-columns caption: "), (
+            ours
+        )  # Ray logs its own
+        assert "do not fit the column's type" in ours[-1]
+
+
 def test_encode_dataset_adds_embeddings_and_reports_bad_samples(model_dir, tmp_path):
     from packvit_native.ray_data import encode_dataset
 

@@ -2,6 +2,7 @@
 single-image path, corrupt samples listed, ``--num-shards`` splits, a run killed with SIGKILL resumes."""
 
 import argparse
+import io
 import json
 import signal
 import subprocess
@@ -315,6 +316,11 @@ def test_num_shards_splits_deterministically_and_matches_one_run(model_dir, data
         torch.testing.assert_close(ta["features"], tb["features"], rtol=0, atol=1e-6)
     assert _encode("--model", model_dir, "--out", split, pattern, "--num-shards", 2, "--shard-index", 2) == 2
     assert "--shard-index 2 is not in 0..1" in capsys.readouterr().err
+    # more runs than shards (a torchrun job with 4 ranks over 3 shards): the idle run succeeds, writing nothing
+    before = sorted(p.name for p in split.iterdir())
+    assert _encode("--model", model_dir, "--out", split, pattern, "--num-shards", 4, "--shard-index", 3) == 0
+    assert "has no shard to encode; nothing to do" in capsys.readouterr().err
+    assert sorted(p.name for p in split.iterdir()) == before
 
 
 KILLABLE = """
@@ -561,3 +567,27 @@ def test_long_keys_get_file_names_of_their_own_within_the_limit():
     assert len(set(names)) == len(keys)
     assert all(len(n.encode()) <= shards.PREVIEW_NAME_BYTES + 4 for n in names)
     assert names[-1] == "b%2Fc%3Fd.png"
+
+
+def test_a_shard_without_readable_images_has_every_column(tmp_path, capsys):
+    """A shard whose samples are all unreadable still gets each output column (empty), so reading the
+    folder's files together keeps them: pyarrow takes the columns from the first file."""
+    import dataclasses
+    import tarfile
+
+    from weights_convert.presets import PRESETS
+
+    config = PRESETS["dinov3_vitl16"].config(hidden_size=32, num_heads=2, num_layers=1, mlp_hidden=64)
+    config = dataclasses.replace(config, projection_dim=8)
+    model = tmp_path / "model"
+    torch.manual_seed(0)
+    pv.PackedVisionEncoder(config).save_pretrained(model)
+    (tmp_path / "wds").mkdir()
+    with tarfile.open(tmp_path / "wds" / "broken.tar", "w") as tar:
+        info = tarfile.TarInfo("only.jpg")
+        info.size = len(CORRUPT)
+        tar.addfile(info, io.BytesIO(CORRUPT))
+    assert _encode("--model", model, "--out", tmp_path / "out", tmp_path / "wds" / "broken.tar") == 1
+    table = pq.read_table(tmp_path / "out" / "broken.parquet")
+    assert table.num_rows == 0 and {"embedding", "image_embeds"} <= set(table.schema.names)
+    assert table.schema.field("image_embeds").type.list_size == 8
