@@ -95,6 +95,8 @@ class Fatal(Exception):
     """Encoding cannot go on: reported as one line with exit code 2; what was written before stays valid."""
 
 
+# Columns an encoded shard or dataset has besides the kept ones (the Ray engine's also "_"-names).
+OUTPUT_COLUMNS = frozenset({"key", "grid_thw", "embedding", "image_embeds", "error"})
 KEPT = "the features written before are kept, rerun the same command to resume"
 MANIFEST_CLAIM_TRIES = 40  # 2 s: a claim by a live run takes moments
 
@@ -937,6 +939,15 @@ def check_options(args: argparse.Namespace, kind: str) -> None:
         raise Fatal("--layers and --prefix choose the token features stored with --tokens; add --tokens")
     if kind != "parquet" and (args.image_column or args.key_column or args.keep_columns):
         raise Fatal("--image-column, --key-column and --keep-columns apply to parquet shards")
+    taken = [
+        c for c in args.keep_columns or [] if c in OUTPUT_COLUMNS or c.startswith(("_", "features", "prefix"))
+    ]
+    if taken:
+        raise Fatal(
+            f"--keep-columns {', '.join(taken)}: the outputs have columns of that name (key, grid_thw, "
+            "embedding, image_embeds, error, features..., prefix..., and _-names Ray uses); rename the column "
+            "in the input"
+        )
     if args.engine == "local" and (args.address or args.gpus_per_worker is not None):
         raise Fatal("--address and --gpus-per-worker apply to --engine ray")
     if args.engine == "ray" and args.decode == "gpu":

@@ -32,7 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cli import KEPT, Fatal, capture_graphs, default_dtype, encode_args, load_model, resize_rule
+from .cli import (
+    KEPT,
+    OUTPUT_COLUMNS,
+    Fatal,
+    capture_graphs,
+    default_dtype,
+    encode_args,
+    load_model,
+    resize_rule,
+)
 from .shards import (
     Encoded,
     Plan,
@@ -338,9 +347,24 @@ def encode_dataset(
         ``preview=True``, ``_pca`` (the :mod:`~packvit_native.preview` picture as ``h*w*3`` bytes).
 
     Raises:
-        ValueError: a bad setting, or a model that cannot be loaded (checked here, on the driver).
+        ValueError: a bad setting, a dataset column named like one this adds, or a model that cannot be loaded
+            (checked here, on the driver).
     """
     args = encode_args(model=model, workers=workers, gpus_per_worker=gpus_per_worker, **settings)
+    schema = ds.schema()
+    added = ("_", "features", "prefix") if args.tokens else ("_",)
+    taken = sorted(
+        c
+        for c in (schema.names if schema is not None else [])
+        if c != image_column and (c in OUTPUT_COLUMNS - {"key"} or c.startswith(added))
+    )
+    if taken:
+        raise ValueError(
+            f"the dataset's columns {', '.join(taken)} have the names of columns encode_dataset adds; "
+            "rename them first"
+        )
+    if (args.layers or args.prefix) and not args.tokens:
+        raise ValueError("layers and prefix choose the token features returned with tokens=True; add it")
     if args.decode != "cpu" or args.processes:
         raise ValueError(
             "encode_dataset decodes in CPU tasks; decode='gpu' and processes=True apply to packvit encode "

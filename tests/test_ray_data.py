@@ -100,11 +100,35 @@ def test_kept_columns_of_another_type_stop_both_engines_with_one_line(model_dir,
     args += ["--key-column", "id", "--keep-columns", "caption"]
     for engine in (["--engine", "ray", "--gpus-per-worker", 0], ["--device", "cpu"]):
         assert _encode(*args, "--out", tmp_path / engine[1], *engine) == 2
+        # Ray logs the task's failure itself; our own last line says it as the local engine does
         ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("packvit encode: ")]
-        assert ours[-1].startswith("packvit encode: error: --keep-columns caption: "), (
-            ours
-        )  # Ray logs its own
-        assert "do not fit the column's type" in ours[-1]
+        assert ours[-1].startswith("packvit encode: error: --keep-columns caption: ") and (
+            "do not fit the column's type" in ours[-1]
+        )
+
+
+def test_columns_named_like_outputs_are_refused(model_dir, tmp_path, capsys):
+    from packvit_native.ray_data import encode_dataset
+
+    write_parquet(tmp_path / "pq", shards=1, per_shard=2)
+    args = [
+        "--model",
+        model_dir,
+        tmp_path / "pq" / "part-0.parquet",
+        "--image-column",
+        "jpg",
+        "--key-column",
+        "id",
+    ]
+    for name in ("error", "embedding", "_shard"):
+        assert _encode(*args, "--keep-columns", name, "--out", tmp_path / "out", "--engine", "ray") == 2
+        assert f"--keep-columns {name}: the outputs have columns of that name" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    ds = ray.data.from_arrow(pa.table({"image": pa.array([b"x"], pa.binary()), "error": ["download ok"]}))
+    with pytest.raises(ValueError, match="columns error have the names of columns encode_dataset adds"):
+        encode_dataset(ds, str(model_dir))
+    with pytest.raises(ValueError, match="add it"):
+        encode_dataset(ds.drop_columns(["error"]), str(model_dir), layers=[-2])
 
 
 def test_encode_dataset_adds_embeddings_and_reports_bad_samples(model_dir, tmp_path):
