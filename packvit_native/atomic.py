@@ -217,8 +217,10 @@ def _ctrl_c_deferred(message: str):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if pressed:
+    if pressed and previous is signal.default_int_handler:
         raise KeyboardInterrupt(message)
+    if pressed and callable(previous):  # the caller's own handler gets the signal it was held from
+        previous(signal.SIGINT, None)
 
 
 def replace_dir(out: Path, fill: Callable[[Path], None], *, force: bool = False) -> Path:
