@@ -1,6 +1,8 @@
 """from_pretrained refuses bad options at load time, before reading anything, and never asks the hub about
 something that can only be a local path."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -91,8 +93,23 @@ def test_file_instead_of_folder(tmp_path, no_network):
 
 
 def test_a_path_object_is_never_a_hub_id(tmp_path, monkeypatch, no_network):
-    from pathlib import Path
-
     monkeypatch.chdir(tmp_path)
     with pytest.raises(pv.CheckpointError, match="someorg/model: no such directory"):
         pv.from_pretrained(Path("someorg/model"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_weights_of_one_byte_or_integers_are_refused(model_dir, tmp_path, no_network, dtype):
+    """FP8 is made at load from a bf16/fp32 checkpoint; a file already holding FP8 or integer weights would load
+    and then fail inside the forward."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    state = load_file(folder / "model.safetensors")
+    key = next(k for k in sorted(state) if k.endswith("weight") and state[k].ndim == 2)
+    state[key] = state[key].to(dtype)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(pv.CheckpointError, match=f"{key} is {dtype}; checkpoints hold float32"):
+        pv.from_pretrained(folder)
