@@ -223,6 +223,20 @@ def _ctrl_c_deferred(message: str):
         previous(signal.SIGINT, None)
 
 
+def check_placeable(out: Path) -> None:
+    """Raise ``OSError`` naming the reason where no folder can be put at ``out``: a part of its path is a file,
+    or ``out`` is a mount point (which a rename cannot move aside)."""
+    for parent in reversed(out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{parent} is a file, not a folder", str(out))
+    if os.path.ismount(out):
+        raise OSError(
+            errno.EBUSY,
+            "it is a mount point, which cannot be replaced as a whole; choose a folder inside it",
+            str(out),
+        )
+
+
 def replace_dir(out: Path, fill: Callable[[Path], None], *, force: bool = False) -> Path:
     """Create (or with ``force`` replace) folder ``out`` with what ``fill(tmp)`` writes into an empty folder.
 
@@ -234,6 +248,7 @@ def replace_dir(out: Path, fill: Callable[[Path], None], *, force: bool = False)
 
     Raises:
         FileExistsError: ``out`` exists and ``force`` is not set, or ``out`` is not a folder.
+        OSError: no folder can be put at ``out`` (see :func:`check_placeable`), or writing failed.
     """
     out = Path(out)
     if out.is_symlink() and out.is_dir():
@@ -241,7 +256,8 @@ def replace_dir(out: Path, fill: Callable[[Path], None], *, force: bool = False)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+        raise FileExistsError(f"{out} already exists")
+    check_placeable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out.parent, out.name)
     tmp = out.parent / temp_name(out.name)

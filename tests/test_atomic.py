@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,7 +75,7 @@ def test_replace_dir_needs_force_and_swaps_whole(tmp_path):
     atomic.replace_dir(out, _fill("a"))
     assert (out.stat().st_mode & 0o777) == 0o777 & ~old
     assert ((out / "config.json").stat().st_mode & 0o777) == 0o666 & ~old
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(FileExistsError, match=r"out already exists$"):
         atomic.replace_dir(out, _fill("b"))
     atomic.replace_dir(out, _fill("b"), force=True)
     assert (out / "config.json").read_text() == "b"
@@ -283,3 +284,14 @@ def test_ctrl_c_while_the_new_folder_is_put_in_place_lets_that_finish(tmp_path, 
     assert (out / "config.json").read_text() == "b"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_no_folder_is_placed_under_a_file_or_at_a_mount_point(tmp_path):
+    (tmp_path / "afile").write_text("notes")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'afile'} is a file, not a folder"):
+        atomic.replace_dir(tmp_path / "afile" / "sub" / "out", _fill("a"))
+    assert (tmp_path / "afile").read_text() == "notes"
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+    with pytest.raises(OSError, match="is a mount point, which cannot be replaced as a whole") as info:
+        atomic.check_placeable(Path("/"))  # a mount point on every system the tests run on
+    assert info.value.errno == errno.EBUSY

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import packvit_native as pv
+from packvit_native.io import CheckpointWriteError
 from weights_convert import convert_checkpoint
 from weights_convert.cli import main as convert_cli
 
@@ -322,3 +323,46 @@ def test_out_that_is_a_file_is_refused_even_with_force(broken, tmp_path, capsys)
         assert convert_cli([str(src), str(tmp_path / "out"), *extra]) == 2
         assert "exists and is not a folder" in capsys.readouterr().err
     assert (tmp_path / "out").read_text() == "notes"
+
+
+def test_out_under_a_file_is_refused_before_converting(broken, tmp_path, capsys, monkeypatch):
+    import weights_convert.cli as cli
+
+    src = broken(lambda d: None)
+    (tmp_path / "afile").write_text("notes")
+    monkeypatch.setattr(cli, "convert_directory", lambda *a, **k: pytest.fail("converted before refusing"))
+    assert convert_cli([str(src), str(tmp_path / "afile" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"packvit-convert: error: {tmp_path / 'afile' / 'out'}: {tmp_path / 'afile'} is a file, not a folder\n"
+    )
+
+
+def test_save_pretrained_under_a_file_names_the_file(tiny_reference, tmp_path):
+    (tmp_path / "afile").write_text("notes")
+    with pytest.raises(CheckpointWriteError, match=f"{tmp_path / 'afile'} is a file, not a folder"):
+        pv.from_pretrained(tiny_reference("dinov3", "gelu")).save_pretrained(tmp_path / "afile" / "m")
+
+
+def test_out_appearing_while_converting_is_reported_in_the_commands_words(
+    tiny_reference, tmp_path, capsys, monkeypatch
+):
+    import weights_convert.cli as cli
+
+    out = tmp_path / "out"
+    convert = cli.convert_directory
+
+    def convert_then_another_run_writes_out(*args, **kwargs):
+        result = convert(*args, **kwargs)
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        return result
+
+    monkeypatch.setattr(cli, "convert_directory", convert_then_another_run_writes_out)
+    assert convert_cli([str(tiny_reference("dinov3", "gelu")), str(out)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"packvit-convert: error: {out}: already exists; pass --force to replace it\n"
+    )
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

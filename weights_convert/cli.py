@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from packvit_native.atomic import check_placeable
 from packvit_native.errors import CheckpointError
 from packvit_native.io import save_native
 from packvit_native.loading import DTYPES
@@ -56,6 +57,10 @@ def check_out_free(out: Path, force: bool) -> None:
         raise CheckpointError(f"{out}: exists and is not a folder; choose another OUT_DIR")
     if (out.exists() or out.is_symlink()) and not force:
         raise CheckpointError(f"{out}: already exists; pass --force to replace it")
+    try:
+        check_placeable(out)
+    except OSError as e:
+        raise CheckpointError(f"{out}: {e.strerror}") from None
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -63,7 +68,11 @@ def _convert(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.src)
     check_out_dir(ckpt.path, Path(args.out_dir), args.force)  # before converting: fail fast, write nothing
     config, state, dropped = convert_directory(ckpt.path, ckpt, dtype=DTYPES.get(args.dtype))
-    out = save_native(args.out_dir, config, state, force=args.force)
+    try:
+        out = save_native(args.out_dir, config, state, force=args.force)
+    except FileExistsError:  # OUT appeared while converting: say it in this command's words
+        check_out_free(Path(args.out_dir), args.force)
+        raise
     n = sum(t.numel() for t in state.values())
     print(
         f"converted {config.family} ({config.num_layers} layers, width {config.hidden_size}, {n / 1e6:.1f}M params)"
