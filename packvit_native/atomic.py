@@ -30,7 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
+    "check_placeable",
     "claim_marker",
+    "left_by_other_hosts",
     "new_dir_mode",
     "new_file_mode",
     "remove_stale",
@@ -187,17 +189,31 @@ def _rename_new(a: Path, b: Path) -> None:
 
 
 def _remove_tree(path: Path) -> None:
-    """Remove a folder as far as possible, entering read-only folders (an old checkpoint kept 0555)."""
+    """Remove folder ``path`` as far as possible, entering read-only folders inside it (an old checkpoint kept
+    0555). Nothing outside ``path`` is changed; what cannot be removed stays, for a later run to try again."""
+    top = os.path.abspath(path)
 
-    def writable_then_retry(func: Callable[..., object], entry: str, *_: object) -> None:
+    def inside(entry: str) -> bool:
+        entry = os.path.abspath(entry)
+        return entry == top or entry.startswith(top + os.sep)
+
+    def enter_then_retry(func: Callable[..., object], entry: str, *_: object) -> None:
         with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(entry), 0o700)
-            func(entry)
+            if func in (os.rmdir, os.unlink, os.remove):  # its folder is read-only
+                if inside(os.path.dirname(entry)):
+                    os.chmod(os.path.dirname(entry), 0o700)
+                    func(entry)
+            elif inside(entry) and os.path.isdir(entry) and not os.path.islink(entry):  # could not be listed
+                os.chmod(entry, 0o700)
+                rmtree(entry)
 
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=writable_then_retry)
-    else:
-        shutil.rmtree(path, onerror=writable_then_retry)
+    def rmtree(folder: str | Path) -> None:
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(folder, onexc=enter_then_retry)
+        else:
+            shutil.rmtree(folder, onerror=enter_then_retry)
+
+    rmtree(path)
 
 
 @contextlib.contextmanager
@@ -225,7 +241,8 @@ def _ctrl_c_deferred(message: str):
 
 def check_placeable(out: Path) -> None:
     """Raise ``OSError`` naming the reason where no folder can be put at ``out``: a part of its path is a file,
-    or ``out`` is a mount point (which a rename cannot move aside)."""
+    ``out`` is a mount point (which a rename cannot move aside), is named ``.`` or ``..``, or is a symbolic link
+    to something other than a folder."""
     for parent in reversed(out.parents):
         if parent.exists() and not parent.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"{parent} is a file, not a folder", str(out))
@@ -233,6 +250,15 @@ def check_placeable(out: Path) -> None:
         raise OSError(
             errno.EBUSY,
             "it is a mount point, which cannot be replaced as a whole; choose a folder inside it",
+            str(out),
+        )
+    if out.name in ("", ".", ".."):
+        raise OSError(errno.EINVAL, "name the folder by its own name, not '.' or '..'", str(out))
+    if out.is_symlink() and not out.is_dir():
+        raise OSError(
+            errno.ENOTDIR,
+            f"it is a symbolic link to {os.readlink(out)}, which is not a folder; remove the link or choose "
+            "another path",
             str(out),
         )
 
@@ -337,19 +363,36 @@ def _in_use(path: Path) -> bool:
     return False
 
 
+def _temporaries(folder: Path, name: str | None) -> list[tuple[Path, list[str]]]:
+    """Our temporary files and folders in ``folder`` (for ``name`` only, if given), each with its name's parts
+    ``['.NAME', HOST, PID, RANDOM, 'tmp' or 'aside']``."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        parts = entry.name.rsplit(".", 4)
+        if len(parts) != 5 or parts[4] not in ("tmp", "aside") or not parts[2].isdigit():
+            continue
+        if name is None or parts[0] == f".{name}":
+            found.append((entry, parts))
+    return found
+
+
+def left_by_other_hosts(folder: Path, name: str | None = None) -> list[Path]:
+    """Temporaries in ``folder`` written on other hosts: whether their writer still runs cannot be told from
+    here, so they are never removed; the caller tells the user (a killed job on another node leaves them)."""
+    host = _host()
+    return [entry for entry, parts in _temporaries(Path(folder), name) if parts[1] != host]
+
+
 def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
     """Remove temporary files and folders in ``folder`` left by dead processes of this host (for ``name``
     only, if given), and restore a folder a kill left renamed aside. Returns what was removed."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return []
     removed = []
     host = _host()
-    for entry in folder.iterdir():
-        parts = entry.name.rsplit(".", 4)  # ['.NAME', HOST, PID, RANDOM, 'tmp' or 'aside']
-        if len(parts) != 5 or parts[4] not in ("tmp", "aside") or not parts[2].isdigit() or parts[1] != host:
-            continue
-        if name is not None and parts[0] != f".{name}":
+    for entry, parts in _temporaries(folder, name):
+        if parts[1] != host:
             continue
         if _pid_alive(int(parts[2])) or entry.is_symlink() or _in_use(entry):
             continue

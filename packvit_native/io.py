@@ -24,9 +24,19 @@ from .errors import CheckpointError
 # How often a checkpoint replaced while being read is read again before giving up.
 READ_TRIES = 3
 
-__all__ = ["CheckpointWriteError", "check_regular_file", "is_native_dir", "load_native", "save_native"]
+__all__ = [
+    "CheckpointWriteError",
+    "check_regular_file",
+    "is_native_dir",
+    "load_native",
+    "not_replaceable",
+    "save_native",
+]
 
 _LFS_POINTER = b"version https://git-lfs"
+
+# What save_native writes; replacing a folder deletes it, so a folder holding anything else is never replaced.
+CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 
 class CheckpointWriteError(CheckpointError, OSError):
@@ -88,6 +98,25 @@ def is_native_dir(path: Path) -> bool:
     return FORMAT_NAME.encode() in raw
 
 
+def not_replaceable(out: Path) -> str | None:
+    """Why the existing folder ``out`` may not be replaced by a checkpoint (``None``: it may): replacing deletes
+    what it holds, so only an empty folder or one holding a checkpoint of ours and nothing else qualifies."""
+    others = sorted(p.name for p in out.iterdir() if p.name not in CHECKPOINT_FILES)
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        return f"holds {shown}, which replacing it would delete"
+    if any(out.iterdir()) and not is_native_dir(out):
+        return "holds files named like a checkpoint's but is not a packvit checkpoint"
+    return None
+
+
+def _not_replaceable_or_write_error(out: Path) -> str | None:
+    try:
+        return not_replaceable(out)
+    except OSError as e:
+        raise CheckpointWriteError(f"{out}: cannot read the folder to replace: {e.strerror or e}") from None
+
+
 def save_native(
     out_dir: str | Path, config: EncoderConfig, state: dict[str, Tensor], force: bool = False
 ) -> Path:
@@ -99,12 +128,13 @@ def save_native(
 
     Raises:
         ValueError: ``state`` holds FP8 weights (a model loaded with ``precision="fp8"``).
-        FileExistsError: ``out_dir`` exists and ``force`` is not set.
+        FileExistsError: ``out_dir`` exists and ``force`` is not set, or it holds something other than a
+            packvit checkpoint (see :func:`not_replaceable`).
         CheckpointWriteError: ``out_dir`` cannot be written (no permission, disk full, ...): a
             ``CheckpointError`` and an ``OSError``, whose message names ``out_dir``, not the temporary folder
             the failure happened in.
     """
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     fp8 = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
     if fp8:
         # FP8 is a way of running a checkpoint, chosen at load time; the format holds the weights it ran from.
@@ -114,6 +144,10 @@ def save_native(
         )
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass force=True to replace it")
+    if out.is_dir() and (reason := _not_replaceable_or_write_error(out)):
+        raise FileExistsError(
+            f"{out} {reason}; force=True replaces only a packvit checkpoint or an empty folder"
+        )
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
     def fill(folder: Path) -> None:

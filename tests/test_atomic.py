@@ -3,6 +3,7 @@
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,6 +157,59 @@ def test_an_empty_folder_that_appears_while_writing_is_kept_without_force(tmp_pa
     with pytest.raises(FileExistsError):
         atomic.replace_dir(out, lambda folder: (folder / "x").write_text("x") and out.mkdir())
     assert out.is_dir() and not any(out.iterdir())
+
+
+def _honouring_file_modes() -> list[str]:
+    """A command prefix under which file modes apply: none for an ordinary user; for root, setpriv dropping the
+    capabilities that let root write, enter and chmod whatever it likes."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root, where file modes do not apply, and setpriv is not installed")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+REMOVE_TREE_SCRIPT = """
+import os, sys
+from pathlib import Path
+from packvit_native import atomic
+atomic._remove_tree(Path(sys.argv[1]))
+atomic._remove_tree(Path(sys.argv[2]))
+"""
+
+
+def test_removing_an_old_folder_changes_nothing_outside_it(tmp_path):
+    """A folder that cannot be listed is entered; one that cannot be emptied stays; neither is an error, and
+    the folder holding them keeps its mode (a group-shared 2775)."""
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    parent.chmod(0o2775)
+    unlisted = parent / ".old1"
+    (unlisted / "sub").mkdir(parents=True)
+    (unlisted / "sub" / "f").write_text("x")
+    (unlisted / "sub").chmod(0)
+    unremovable = parent / ".old2"
+    (unremovable / "theirs").mkdir(parents=True)
+    (unremovable / "theirs" / "f").write_text("x")
+    if os.geteuid() == 0:
+        os.chown(unremovable / "theirs", 65534, -1)  # nobody's folder: its file cannot be deleted by us
+    else:
+        (unremovable / "theirs").chmod(0o555)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [
+        *_honouring_file_modes(),
+        sys.executable,
+        "-c",
+        REMOVE_TREE_SCRIPT,
+        str(unlisted),
+        str(unremovable),
+    ]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    (unremovable / "theirs").chmod(0o755)
+    assert run.returncode == 0, run.stderr
+    assert not unlisted.exists()
+    assert (unremovable / "theirs" / "f").exists()
+    assert parent.stat().st_mode & 0o7777 == 0o2775
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")

@@ -159,6 +159,28 @@ def test_hub_id_loads_offline_from_the_cache(tiny_reference, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_out_holding_the_hub_cache_files_is_refused(tiny_reference, tmp_path):
+    """A hub snapshot's files are links into the repository's blobs: an OUT there would delete the checkpoint.
+    Given by hub id, the blobs are refused before anything is fetched, as a folder not ours."""
+    cache = tmp_path / "hub"
+    _lay_out_hub_cache(cache, "someorg/tiny-dinov3", tiny_reference("dinov3", "gelu"))
+    repo = cache / "models--someorg--tiny-dinov3"
+    blobs, (snapshot,) = repo / "blobs", (repo / "snapshots").iterdir()
+    before = sorted(p.name for p in blobs.iterdir())
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    for src, problem in [
+        (snapshot, f"the output folder contains the source checkpoint {snapshot}"),
+        ("someorg/tiny-dinov3", "holds "),
+    ]:
+        run = subprocess.run(
+            [sys.executable, "-m", "weights_convert.cli", str(src), str(blobs), "--force"],
+            env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        assert run.returncode == 2
+        assert run.stderr.startswith(f"packvit-convert: error: {blobs}: {problem}"), run.stderr
+        assert sorted(p.name for p in blobs.iterdir()) == before
+
+
 def test_model_safetensors_is_read_beside_other_weight_files(tiny_reference, tmp_path):
     """Some repositories ship another library's weights next to transformers' (open_clip_model.safetensors)."""
     src = tiny_reference("dinov3", "gelu")

@@ -1,6 +1,7 @@
 """Every broken input ends in one line naming the file (``packvit-convert: error: <file>: <problem>``, exit 2)
 and, from Python, in a CheckpointError naming the file; nothing is written and nothing hangs."""
 
+import argparse
 import json
 import os
 import re
@@ -366,3 +367,141 @@ def test_out_appearing_while_converting_is_reported_in_the_commands_words(
         == f"packvit-convert: error: {out}: already exists; pass --force to replace it\n"
     )
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+BIND_ALIAS_SCRIPT = 'mkdir -p "$2" && mount --bind "$1" "$2" && shift 2 && exec "$@"'
+
+
+def test_out_that_is_the_source_through_a_bind_mount_is_refused(broken, tmp_path):
+    """The same folder seen at two paths: no path comparison can tell, the device and inode do."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("a bind mount needs root and unshare")
+    src = broken(lambda d: None)
+    view = tmp_path / "view"
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    convert = [sys.executable, "-m", "weights_convert.cli", str(src), str(view), "--force"]
+    run = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", BIND_ALIAS_SCRIPT, "sh", str(src), str(view), *convert],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if "mount" in run.stderr and run.returncode != 2:
+        pytest.skip(f"no bind mount here: {run.stderr.strip()}")
+    assert run.returncode == 2, run.stderr
+    assert (
+        run.stderr
+        == f"packvit-convert: error: {view}: the output folder is the source checkpoint {src}; choose an OUT_DIR outside it\n"
+    )
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+@pytest.mark.parametrize("kind", ["other files", "not ours"])
+def test_force_replaces_only_a_packvit_checkpoint(broken, tiny_reference, tmp_path, capsys, kind):
+    src = broken(lambda d: None)
+    out = tmp_path / "models"
+    if kind == "other files":
+        assert convert_cli([str(src), str(out)]) == 0
+        (out / "NOTES.md").write_text("mine")
+        reason = "holds NOTES.md, which replacing it would delete"
+    else:
+        shutil.copytree(tiny_reference("dinov3", "gelu"), out)  # a transformers checkpoint
+        reason = "holds files named like a checkpoint's but is not a packvit checkpoint"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert convert_cli([str(src), str(out), "--force"]) == 2
+    assert capsys.readouterr().err == (
+        f"packvit-convert: error: {out}: {reason}; --force replaces only a packvit checkpoint or an empty folder\n"
+    )
+    with pytest.raises(FileExistsError, match=f"{reason}; force=True replaces only"):
+        pv.from_pretrained(src).save_pretrained(out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_force_replaces_a_checkpoint_and_an_empty_folder(broken, tmp_path):
+    src = broken(lambda d: None)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert convert_cli([str(src), str(out), "--force"]) == 0
+    assert convert_cli([str(src), str(out), "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("out", ["dangling", ".", "sub/.."])
+def test_out_no_folder_can_be_put_at_is_refused_before_converting(broken, tmp_path, capsys, monkeypatch, out):
+    import weights_convert.cli as cli
+
+    src = broken(lambda d: None)
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "dangling").symlink_to(work / "nowhere")
+    work.chmod(0o2775)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(cli, "convert_directory", lambda *a, **k: pytest.fail("converted before refusing"))
+    assert convert_cli([str(src), out, "--force"]) == 2
+    reason = {
+        "dangling": f"it is a symbolic link to {work / 'nowhere'}, which is not a folder",
+        ".": "name the folder by its own name, not '.' or '..'",
+        "sub/..": "name the folder by its own name, not '.' or '..'",
+    }[out]
+    err = capsys.readouterr().err
+    assert err.startswith(f"packvit-convert: error: {Path(out)}: {reason}"), err
+    assert sorted(p.name for p in work.iterdir()) == ["dangling", "sub"]
+    assert (work / "dangling").is_symlink() and work.stat().st_mode & 0o7777 == 0o2775
+
+
+def test_a_tilde_in_out_is_the_home_folder(broken, tmp_path, monkeypatch):
+    src = broken(lambda d: None)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert convert_cli([str(src), "~/conv"]) == 0
+    pv.from_pretrained(src).save_pretrained("~/py")
+    assert pv.from_pretrained("~/conv").config == pv.from_pretrained("~/py").config
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_leftover_of_another_host_is_named_and_kept(broken, tmp_path, capsys):
+    src = broken(lambda d: None)
+    leftover = tmp_path / ".out.node-a.123.abcdef.tmp"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_text("partial")
+    assert convert_cli([str(src), str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        f"packvit-convert: note: {leftover.name} in {tmp_path}: left by a run on another host, which may still "
+        "be writing; remove them once it is over\n"
+    )
+    assert (leftover / "model.safetensors").read_text() == "partial"
+
+
+def _as_pickle(extra: dict | None = None, truncate: int | None = None):
+    """An edit: the weights as one ``pytorch_model.bin`` (a training checkpoint holding ``extra`` too, if given,
+    or cut to ``truncate`` bytes)."""
+
+    def edit(d: Path) -> None:
+        state = load_file(d / "model.safetensors")
+        (d / "model.safetensors").unlink()
+        torch.save({"model": state, **extra} if extra else state, d / "pytorch_model.bin")
+        if truncate:
+            data = (d / "pytorch_model.bin").read_bytes()
+            (d / "pytorch_model.bin").write_bytes(data[:truncate])
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (
+            _as_pickle({"args": argparse.Namespace(lr=0.1)}),
+            "holds Python objects besides tensors (argparse.Namespace), and only plain weights are read",
+        ),
+        (_as_pickle(truncate=5000), "cannot be read as a torch checkpoint (truncated or damaged?): "),
+    ],
+    ids=["training checkpoint", "truncated"],
+)
+def test_a_pickle_that_is_not_plain_weights_is_one_line(broken, tmp_path, capsys, edit, problem):
+    src = broken(edit)
+    assert convert_cli([str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"packvit-convert: error: {src / 'pytorch_model.bin'} {problem}"), err
+    assert err.count("\n") == 1 and "\x1b" not in err
+    assert not (tmp_path / "out").exists()

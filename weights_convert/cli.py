@@ -11,9 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from packvit_native.atomic import check_placeable
+from packvit_native.atomic import check_placeable, left_by_other_hosts
 from packvit_native.errors import CheckpointError
-from packvit_native.io import save_native
+from packvit_native.io import not_replaceable, save_native
 from packvit_native.loading import DTYPES
 
 from .convert import convert_directory, describe_dropped
@@ -37,34 +37,71 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def check_out_dir(src: Path, out: Path, force: bool) -> None:
-    """Refuse an ``out`` that would overwrite or nest with the source, or that exists without ``force``.
+    """Refuse an ``out`` that would overwrite or nest with the source, then as :func:`check_out_free` does.
 
-    Replacing OUT removes what was there, so OUT equal to SRC, inside it or containing it would destroy the
-    checkpoint being read. Both paths are compared with symlinks resolved, so no alias slips through.
+    Replacing OUT removes what was there, so OUT equal to SRC, inside it or containing it (or any file the
+    checkpoint's files link to, as a hub cache's snapshot links into its ``blobs``) would destroy the checkpoint
+    being read. Folders are compared by device and inode, so neither a symlink nor a bind mount slips through.
     """
-    check_out_free(out, force)
-    real_src, real_out = src.resolve(), out.resolve()
-    if real_out == real_src or real_src in real_out.parents or real_out in real_src.parents:
-        where = "is" if real_out == real_src else "contains" if real_out in real_src.parents else "is inside"
-        raise CheckpointError(
-            f"{out}: the output folder {where} the source checkpoint {src}; choose an OUT_DIR outside it"
-        )
+    out_chain, src_chain = _identities(out.resolve()), _identities(src.resolve())
+    if src_chain and out_chain and src_chain[0] == out_chain[0] and out.exists():
+        where = "is"
+    elif src_chain and src_chain[0] in out_chain:
+        where = "is inside"
+    elif out.exists() and out_chain and (out_chain[0] in src_chain or out_chain[0] in _linked_folders(src)):
+        where = "contains"
+    else:
+        check_out_free(out, force)
+        return
+    raise CheckpointError(
+        f"{out}: the output folder {where} the source checkpoint {src}; choose an OUT_DIR outside it"
+    )
+
+
+def _identities(path: Path) -> list[tuple[int, int]]:
+    """(device, inode) of ``path`` if it exists, then of each folder above it."""
+    chain = []
+    for p in (path, *path.parents):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        chain.append((st.st_dev, st.st_ino))
+    return chain
+
+
+def _linked_folders(src: Path) -> set[tuple[int, int]]:
+    """Identities of the folders holding the checkpoint's files where they really are (a hub snapshot's entries
+    link into its ``blobs``)."""
+    files = src.iterdir() if src.is_dir() else [src]
+    return {ident for f in files for ident in _identities(f.resolve().parent)}
 
 
 def check_out_free(out: Path, force: bool) -> None:
-    """Refuse an ``out`` that is a file, or that exists without ``force`` (checked before any download)."""
+    """Refuse an ``out`` that is a file, that exists without ``force``, that holds anything but a packvit
+    checkpoint, or where no folder can be put (checked before any download)."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a folder; choose another OUT_DIR")
     if (out.exists() or out.is_symlink()) and not force:
         raise CheckpointError(f"{out}: already exists; pass --force to replace it")
     try:
         check_placeable(out)
+        reason = not_replaceable(out) if out.is_dir() else None
     except OSError as e:
-        raise CheckpointError(f"{out}: {e.strerror}") from None
+        raise CheckpointError(f"{out}: {e.strerror or e}") from None
+    if reason:
+        raise CheckpointError(
+            f"{out}: {reason}; --force replaces only a packvit checkpoint or an empty folder"
+        )
 
 
 def _convert(args: argparse.Namespace) -> int:
-    check_out_free(Path(args.out_dir), args.force)  # before fetching anything from the hub
+    args.out_dir = str(Path(args.out_dir).expanduser())  # as from_pretrained reads '~/model', save there
+    local = Path(args.src).expanduser()
+    if local.exists():
+        check_out_dir(local, Path(args.out_dir), args.force)
+    else:
+        check_out_free(Path(args.out_dir), args.force)  # before fetching anything from the hub
     ckpt = read_checkpoint(args.src)
     check_out_dir(ckpt.path, Path(args.out_dir), args.force)  # before converting: fail fast, write nothing
     config, state, dropped = convert_directory(ckpt.path, ckpt, dtype=DTYPES.get(args.dtype))
@@ -80,6 +117,12 @@ def _convert(args: argparse.Namespace) -> int:
     if dropped:
         print(describe_dropped(dropped))
     print(f"wrote {out}/config.json and {out}/model.safetensors")
+    if others := left_by_other_hosts(out.parent, out.name):
+        print(
+            f"packvit-convert: note: {', '.join(p.name for p in others)} in {out.parent}: left by a run on another "
+            "host, which may still be writing; remove them once it is over",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -15,6 +15,8 @@ import functools
 import json
 import math
 import os
+import pickle
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,8 +179,18 @@ def _load_pickle(file: Path, select: KeySelector | None) -> tuple[dict[str, torc
     _check_readable_file(file, "weights file")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's text is several lines of advice on unsafe loading
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise ConversionError(
+            f"{file} holds Python objects besides tensors{what}, and only plain weights are read "
+            "(weights_only=True): save its state dict alone, e.g. torch.save(checkpoint['model'], 'weights.pth')"
+        ) from None
     except Exception as e:
-        raise ConversionError(f"{file} cannot be read as plain weights (weights_only=True): {e}") from None
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[:1] or [type(e).__name__]
+        raise ConversionError(
+            f"{file} cannot be read as a torch checkpoint (truncated or damaged?): {first[0]}"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(
