@@ -39,6 +39,7 @@ __all__ = [
     "replace_dir",
     "temp_name",
     "write_file",
+    "write_files",
 ]
 
 _UMASK_LOCK = threading.Lock()
@@ -155,6 +156,34 @@ def write_file(path: Path, write: Callable[[Path], None], *, exclusive: bool = F
             _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_files(files: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Create or replace several files of one folder together, each as :func:`write_file` writes one.
+
+    All are written whole under temporary names first; then they are renamed into place in order while this
+    process holds the folder's lock, so two writers of the same set (two runs encoding one shard) never leave
+    one's file beside the other's: the folder holds the set of the one that renamed last.
+    """
+    folders = {path.parent for path, _ in files}
+    if len(folders) != 1:
+        raise ValueError(f"files written together must share one folder, not {sorted(map(str, folders))}")
+    with contextlib.ExitStack() as stack:
+        staged = []
+        for path, write in files:
+            tmp = path.parent / temp_name(path.name)
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            stack.callback(tmp.unlink, missing_ok=True)
+            stack.enter_context(_locked(tmp))
+            write(tmp)
+            _fsync(tmp)
+            os.chmod(tmp, new_file_mode())
+            staged.append((tmp, path))
+        (folder,) = folders
+        with _locked(folder):
+            for tmp, path in staged:
+                os.replace(tmp, path)
+            _fsync(folder)
 
 
 def _renameat2(a: Path, b: Path, flags: int) -> bool:

@@ -97,7 +97,6 @@ from .cli import (
     record_manifest,
     resize_rule,
     resolve_device,
-    save_tensors,
     share,
     staged,
     throughput,
@@ -106,6 +105,7 @@ from .cli import (
 )
 from .gpu_decode import GpuDecoder
 from .preprocess import decode
+from .tensor_file import write_tensors
 from .worker_processes import LoadingFailed, LoadingProcesses
 
 __all__ = [
@@ -629,18 +629,26 @@ def write_shard(
     metas: dict[str, Any],
     args: argparse.Namespace,
 ) -> None:
-    """Write one shard's outputs (the module docstring lists them), the parquet file last."""
+    """Write one shard's outputs (the module docstring lists them): the token file and the parquet file
+    together (another run writing the same shard never leaves its file beside ours), the parquet file last."""
     pa = _pyarrow()
     name = result.shard.name
     images = sorted(result.images, key=lambda image: image[0])
     keys = [key for _, key, _, _ in images]
     tokens_file = out / f"{name}.safetensors"
     tokens = None
+    files: list[tuple[Path, Callable[[Path], None]]] = []
     try:
         if args.tokens and images:
             tokens = {"file": tokens_file.name, "write_id": secrets.token_hex(8)}
             tensors = _token_tensors([e for _, _, e, _ in images], args)
-            save_tensors(tokens_file, tensors, {"names": json.dumps(keys), "write_id": tokens["write_id"]})
+            metadata = {"names": json.dumps(keys), "write_id": tokens["write_id"]}
+
+            def write_tokens(tmp: Path) -> None:
+                with open(tmp, "wb") as file:
+                    write_tensors(file, tensors, metadata)
+
+            files.append((tokens_file, write_tokens))
         else:
             tokens_file.unlink(missing_ok=True)  # left by an interrupted attempt with other outcomes
         if args.preview:
@@ -670,8 +678,9 @@ def write_shard(
                 ) from None
         record = _record(result, manifest, config, tokens)
         table = pa.table(columns).replace_schema_metadata({RECORD_KEY: json.dumps(record)})
-        atomic.write_file(out / f"{name}.parquet", lambda tmp: pa.parquet.write_table(table, tmp))
-    except OSError as e:
+        files.append((out / f"{name}.parquet", lambda tmp: pa.parquet.write_table(table, tmp)))
+        atomic.write_files(files)
+    except (OSError, ValueError) as e:  # ValueError: a token file safetensors cannot hold
         raise Fatal(f"cannot write the outputs of {result.shard.path}: {reason(e)}; {KEPT}") from None
 
 

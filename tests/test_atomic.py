@@ -349,3 +349,34 @@ def test_no_folder_is_placed_under_a_file_or_at_a_mount_point(tmp_path):
     with pytest.raises(OSError, match="is a mount point, which cannot be replaced as a whole") as info:
         atomic.check_placeable(Path("/"))  # a mount point on every system the tests run on
     assert info.value.errno == errno.EBUSY
+
+
+def test_files_written_together_appear_together_under_the_folders_lock(tmp_path):
+    """Two runs writing one shard's token and parquet files: each run's pair is renamed in while it holds the
+    folder's lock, so the folder holds one run's pair, never one file of each."""
+    import fcntl
+    import threading
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    pair = [folder / "00000.safetensors", folder / "00000.parquet"]
+
+    def run(tag: str) -> None:
+        atomic.write_files([(path, lambda tmp, tag=tag: tmp.write_text(tag)) for path in pair])
+
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held as by another run in the middle of its renames
+    writer = threading.Thread(target=run, args=("a",))
+    writer.start()
+    writer.join(timeout=1)
+    assert writer.is_alive() and not any(path.exists() for path in pair)  # both written, waiting to rename
+    staged = sorted(p.name for p in folder.iterdir())
+    assert len(staged) == 2 and all(name.endswith(".tmp") for name in staged)
+    os.close(fd)  # the other run is done
+    writer.join(timeout=10)
+    assert [path.read_text() for path in pair] == ["a", "a"]
+    run("b")
+    assert [path.read_text() for path in pair] == ["b", "b"]
+    assert sorted(p.name for p in folder.iterdir()) == ["00000.parquet", "00000.safetensors"]
+    with pytest.raises(ValueError, match="share one folder"):
+        atomic.write_files([(folder / "a", lambda tmp: None), (tmp_path / "b", lambda tmp: None)])
