@@ -76,6 +76,8 @@ from .worker_processes import LoadingFailed, LoadingProcesses
 __all__ = ["IMAGE_SUFFIXES", "find_images", "main"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# What --preview adds to an image's name in the output folder (OUT/<name>.pca.png).
+PREVIEW_SUFFIX = ".pca.png"
 MANIFEST = "packvit-encode.json"
 # Version 1 manifests (no "packvit_encode" field) identified the model by its path only.
 MANIFEST_VERSION = 2
@@ -109,8 +111,11 @@ class Item:
     name: str
 
 
-def find_images(inputs: Iterable[str | os.PathLike]) -> list[Item]:
+def find_images(inputs: Iterable[str | os.PathLike], out: Path | None = None) -> list[Item]:
     """Expand files and folders into named images; ``ValueError`` for a missing input or clashing names.
+
+    Previews inside ``out`` are left out: they are this command's own outputs, which a rerun into an output
+    folder within its input would otherwise encode as new images.
 
     A name keeps the bytes of a file name that are not UTF-8 as ``\\xNN`` text: output files and their headers
     (safetensors reads only UTF-8 paths and metadata) then hold it as it is shown."""
@@ -118,7 +123,18 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Item]:
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            skip = _inside(out, path)
+            found = sorted(
+                f
+                for f in path.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in IMAGE_SUFFIXES
+                and not (
+                    skip is not None
+                    and f.name.endswith(PREVIEW_SUFFIX)
+                    and f.relative_to(path).parts[: len(skip)] == skip
+                )
+            )
             items += [Item(f, path_text(f.relative_to(path).with_suffix("").as_posix())) for f in found]
         elif path.is_file():
             items.append(Item(path, path_text(path.stem)))
@@ -132,6 +148,16 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Item]:
         shown = "; ".join(f"{n}: {', '.join(map(str, p))}" for n, p in list(clashes.items())[:5])
         raise ValueError(f"several inputs would be stored under the same name ({shown})")
     return items
+
+
+def _inside(out: Path | None, folder: Path) -> tuple[str, ...] | None:
+    """The parts of ``out``'s path relative to ``folder`` if ``out`` lies within it (symlinks resolved)."""
+    if out is None:
+        return None
+    try:
+        return out.resolve().relative_to(folder.resolve()).parts
+    except ValueError:
+        return None
 
 
 def plural(n: int, word: str) -> str:
@@ -475,9 +501,9 @@ def record_manifest(out: Path, manifest: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------- set-up
 
 
-def find_inputs(inputs: list[str]) -> list[Item]:
+def find_inputs(inputs: list[str], out: Path) -> list[Item]:
     try:
-        items = find_images(inputs)
+        items = find_images(inputs, out)
     except ValueError as e:
         raise Fatal(str(e)) from None
     if not items:
@@ -965,7 +991,7 @@ def _encode_files(args: argparse.Namespace) -> int:
     say = _say
     out = Path(args.out)
     device = resolve_device(args)
-    items = share(find_inputs(args.inputs), args.num_shards, args.shard_index, lambda i: i.name)
+    items = share(find_inputs(args.inputs, out), args.num_shards, args.shard_index, lambda i: i.name)
     prepare_out(out, say)
     manifest = build_manifest(args, sha256=None)
     previous = read_manifest(out)
@@ -1119,7 +1145,7 @@ def _write_previews(out: Path, items: list[Item], grids: Tensor, tokens: Tensor,
         rgb = pca_rgb(tokens[start : start + n], h, w, config.merge_size)  # the first frame of a clip
         start += n
         try:
-            write_png(out / f"{item.name}.pca.png", rgb, config.patch_size)
+            write_png(out / f"{item.name}{PREVIEW_SUFFIX}", rgb, config.patch_size)
         except OSError as e:
             raise Fatal(f"cannot write the preview of {item.path}: {reason(e)}; {KEPT}") from None
 

@@ -218,3 +218,19 @@ def test_outputs_respect_the_umask(model_dir, tmp_path, layout):
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}
     folders = [out, *(p for p in out.rglob("*") if p.is_dir())]
     assert {oct(p.stat().st_mode & 0o777) for p in folders} == {"0o755"}
+
+
+def test_previews_in_an_output_folder_inside_the_input_are_not_encoded(model_dir, tmp_path, capsys):
+    photos = _images(tmp_path / "photos", ["a.png", "b.png"])
+    out = photos / "feats"
+    assert _encode("--model", model_dir, "--out", out, photos, "--preview") == 0
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".json") == [
+        "a.pca.png", "a.safetensors", "b.pca.png", "b.safetensors",
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert _encode("--model", model_dir, "--out", out, photos, "--preview") == 0
+    assert "nothing left to encode" in capsys.readouterr().err
+    assert not (out / "feats").exists()
+    (out / "c.png").write_bytes((photos / "a.png").read_bytes())  # a user's own image there is encoded
+    assert _encode("--model", model_dir, "--out", out, photos, "--preview") == 0
+    assert (out / "feats" / "c.safetensors").exists()
