@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -183,6 +184,16 @@ def target_size(
 MAX_DECODED_PIXELS = 64 * 2**20
 
 
+_OVER_LIMIT = " pixels, over the limit of"
+
+
+def refused_pixels(error: str) -> int | None:
+    """The pixel count an image was refused for, if ``error`` is :func:`decode`'s message for an image over the
+    ``max_decoded_pixels`` limit: a rerun with a higher limit reads it again."""
+    found = re.search(rf"= (\d+){_OVER_LIMIT} \d+ decoded pixels", error)
+    return int(found.group(1)) if found else None
+
+
 def decode(
     source: str | os.PathLike | BinaryIO,
     mode: str = "RGB",
@@ -198,7 +209,7 @@ def decode(
             w, h = im.size
             if max_decoded_pixels is not None and w * h > max_decoded_pixels:
                 raise ValueError(
-                    f"it declares {w}x{h} = {w * h} pixels, over the limit of {max_decoded_pixels} decoded "
+                    f"it declares {w}x{h} = {w * h}{_OVER_LIMIT} {max_decoded_pixels} decoded "
                     f"pixels (max_decoded_pixels, --max-decoded-pixels)"
                 )
             im.load()

@@ -104,7 +104,7 @@ from .cli import (
     warm_up,
 )
 from .gpu_decode import GpuDecoder
-from .preprocess import decode
+from .preprocess import decode, refused_pixels
 from .tensor_file import write_tensors
 from .worker_processes import LoadingFailed, LoadingProcesses
 
@@ -746,6 +746,10 @@ def shard_status(out: Path, shard: Shard, manifest: dict[str, Any], args: argpar
     if unread:  # the file may have been read while being copied, or over a failing mount: read it again
         entry = unread[0]
         return f"part of it could not be read last time ({entry.get('part', 'archive')}: {entry['error']})"
+    limit = args.max_decoded_pixels
+    refused = [n for e in record["errors"] if (n := refused_pixels(str(e.get("error")))) is not None]
+    if any(limit is None or n <= limit for n in refused):
+        return "images refused for their size last time are within --max-decoded-pixels now"
     if args.tokens and record["images"]:
         file = out / str((tokens or {}).get("file"))
         try:

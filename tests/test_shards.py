@@ -591,3 +591,21 @@ def test_a_shard_without_readable_images_has_every_column(tmp_path, capsys):
     table = pq.read_table(tmp_path / "out" / "broken.parquet")
     assert table.num_rows == 0 and {"embedding", "image_embeds"} <= set(table.schema.names)
     assert table.schema.field("image_embeds").type.list_size == 8
+
+
+def test_a_higher_max_decoded_pixels_redoes_the_images_it_refused(model_dir, data, tmp_path, capsys):
+    out, shard = tmp_path / "out", data / "wds" / "00000.tar"
+    assert _encode("--model", model_dir, "--out", out, shard, "--max-decoded-pixels", "1500") == 1
+    few, _, record = _rows(out / "00000.parquet")
+    refused = [e for e in record["errors"] if "over the limit of 1500 decoded pixels" in e["error"]]
+    assert refused and len(few) == PER_SHARD - 1 - len(refused)  # the corrupt one aside
+    capsys.readouterr()
+    assert _encode("--model", model_dir, "--out", out, shard, "--max-decoded-pixels", "1500") == 0
+    assert "skipping 1 of 1 shard" in capsys.readouterr().err  # the same limit: nothing new to read
+    assert _encode("--model", model_dir, "--out", out, shard) == 1
+    assert (
+        "images refused for their size last time are within --max-decoded-pixels now"
+        in capsys.readouterr().err
+    )
+    keys, _, record = _rows(out / "00000.parquet")
+    assert len(keys) == PER_SHARD - 1 and [e["key"] for e in record["errors"]] == ["s00/0002"]
