@@ -612,6 +612,7 @@ def _record(
     return {
         "packvit_encode": MANIFEST_VERSION,
         "shard": str(result.shard.path),
+        "shard_bytes": _size(result.shard.path),
         "model": manifest["model"],
         "settings": manifest["settings"],
         "embedding": embedding_source(config),
@@ -619,6 +620,13 @@ def _record(
         "errors": [entry for _, entry in sorted(result.errors, key=lambda e: e[0])],
         "tokens": tokens,
     }
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def write_shard(
@@ -740,9 +748,12 @@ def shard_status(out: Path, shard: Shard, manifest: dict[str, Any], args: argpar
         ):
             return "it was made with other settings or another model"
         tokens = record["tokens"]
+        size = record.get("shard_bytes")  # absent in records of earlier versions
         unread = [e for e in record["errors"] if e["key"] is None and e.get("retry")]
     except (KeyError, TypeError, ValueError) as e:
         return f"{path.name} is damaged ({e})"
+    if size is not None and _size(shard.path) not in (None, size):  # a shard of the same name, not the same
+        return f"it was made from another file of this name ({record['shard']}, {size} bytes)"
     if unread:  # the file may have been read while being copied, or over a failing mount: read it again
         entry = unread[0]
         return f"part of it could not be read last time ({entry.get('part', 'archive')}: {entry['error']})"

@@ -609,3 +609,20 @@ def test_a_higher_max_decoded_pixels_redoes_the_images_it_refused(model_dir, dat
     )
     keys, _, record = _rows(out / "00000.parquet")
     assert len(keys) == PER_SHARD - 1 and [e["key"] for e in record["errors"]] == ["s00/0002"]
+
+
+def test_another_shard_of_the_same_name_is_encoded_not_skipped(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _encode("--model", model_dir, "--out", out, data / "wds" / "00000.tar") == 1
+    moved = tmp_path / "moved" / "00000.tar"  # the same file elsewhere: finished
+    moved.parent.mkdir()
+    moved.write_bytes((data / "wds" / "00000.tar").read_bytes())
+    capsys.readouterr()
+    assert _encode("--model", model_dir, "--out", out, moved) == 0
+    assert "skipping 1 of 1 shard" in capsys.readouterr().err
+    other = write_webdataset(tmp_path / "other", shards=1, per_shard=8)[0]  # another dataset's 00000.tar
+    assert _encode("--model", model_dir, "--out", out, other) == 1
+    err = capsys.readouterr().err
+    assert f"it was made from another file of this name ({data / 'wds' / '00000.tar'}, " in err
+    keys, _, record = _rows(out / "00000.parquet")
+    assert len(keys) == 7 and record["shard"] == str(other) and record["shard_bytes"] == other.stat().st_size
