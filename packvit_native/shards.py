@@ -379,6 +379,10 @@ def read_parquet(path: Path, args: argparse.Namespace) -> Iterator[Sample]:
         kept = {c: table.column(c).to_pylist() for c in keep}
         for row, (name, blob) in enumerate(zip(keys, data, strict=True)):
             meta = {c: values[row] for c, values in kept.items()}
+            if isinstance(
+                name, bytes
+            ):  # a binary key column: its text, with bytes that are not UTF-8 as \xNN
+                name = path_text(name.decode("utf-8", "surrogateescape"))
             name = None if name is None else str(name)
             if name is None:
                 sample = Sample(index, None, meta=meta, error="no key", part=f"row {index}")

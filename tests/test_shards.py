@@ -626,3 +626,23 @@ def test_another_shard_of_the_same_name_is_encoded_not_skipped(model_dir, data, 
     assert f"it was made from another file of this name ({data / 'wds' / '00000.tar'}, " in err
     keys, _, record = _rows(out / "00000.parquet")
     assert len(keys) == 7 and record["shard"] == str(other) and record["shard_bytes"] == other.stat().st_size
+
+
+def test_a_binary_key_column_gives_text_keys(model_dir, tmp_path):
+    import pyarrow as pa
+
+    rows = samples(0, 2)
+    table = pa.table(
+        {
+            "id": pa.array([b"k1", b"caf\xe9"], pa.binary()),  # the second is Latin-1, not UTF-8
+            "jpg": pa.array([d for _, d, _ in rows], pa.binary()),
+        }
+    )
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "p.parquet")
+    options = ["--image-column", "jpg", "--key-column", "id"]
+    assert (
+        _encode("--model", model_dir, "--out", tmp_path / "out", tmp_path / "in" / "p.parquet", *options) == 0
+    )
+    keys, _, _ = _rows(tmp_path / "out" / "p.parquet")
+    assert keys == ["k1", "caf\\xe9"]
