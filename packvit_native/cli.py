@@ -998,10 +998,24 @@ def _encode_files(args: argparse.Namespace) -> int:
     if previous is not None:
         check_manifest(out, previous, manifest)  # settings now, before a possibly long model load
     writer = _Writer(out, args.format == "packed", expected_keys(args), say)
-    todo = [i for i in items if not writer.written(i)]
+
+    def pictured(item: Item) -> bool:
+        return not args.preview or (out / f"{item.name}{PREVIEW_SUFFIX}").is_file()
+
+    # An image encoded without --preview is encoded again for its picture, except into packed parts, where
+    # it would then be stored twice: those are only counted.
+    packed = args.format == "packed"
+    done = [writer.written(i) for i in items]
+    todo = [i for i, d in zip(items, done, strict=True) if not d or (not packed and not pictured(i))]
     skipped = len(items) - len(todo)
     if skipped:
         say(f"packvit encode: skipping {skipped} of {plural(len(items), 'image')}, already in {out}")
+    if packed and (unpictured := sum(d and not pictured(i) for i, d in zip(items, done, strict=True))):
+        say(
+            f"packvit encode: note: {plural(unpictured, 'image')} encoded earlier without --preview "
+            f"{'has' if unpictured == 1 else 'have'} no preview: packed parts are never rewritten, so encode "
+            "into a new --out to picture them"
+        )
     check_device(args, device)
     # Loaded even when nothing is left, so that a rerun with another model is refused, not reported as done.
     model, sha256 = load_model_or_fail(args, device)

@@ -765,6 +765,11 @@ def shard_status(out: Path, shard: Shard, manifest: dict[str, Any], args: argpar
     refused = [n for e in record["errors"] if (n := refused_pixels(str(e.get("error")))) is not None]
     if any(limit is None or n <= limit for n in refused):
         return "images refused for their size last time are within --max-decoded-pixels now"
+    if args.preview and record["images"]:
+        folder = out / f"{shard.name}.pca"
+        pictures = sum(1 for p in folder.iterdir() if p.suffix == ".png") if folder.is_dir() else 0
+        if pictures < record["images"]:
+            return f"it was encoded without --preview ({pictures} of {record['images']} pictures in {folder.name})"
     if args.tokens and record["images"]:
         file = out / str((tokens or {}).get("file"))
         try:

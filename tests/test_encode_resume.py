@@ -234,3 +234,17 @@ def test_previews_in_an_output_folder_inside_the_input_are_not_encoded(model_dir
     (out / "c.png").write_bytes((photos / "a.png").read_bytes())  # a user's own image there is encoded
     assert _encode("--model", model_dir, "--out", out, photos, "--preview") == 0
     assert (out / "feats" / "c.safetensors").exists()
+
+
+def test_preview_added_on_a_rerun_pictures_what_was_encoded_without_it(model_dir, tmp_path, capsys):
+    photos = _images(tmp_path / "photos", ["a.png", "b.png"])
+    out, packed = tmp_path / "out", tmp_path / "packed"
+    assert _encode("--model", model_dir, "--out", out, photos / "a.png") == 0
+    assert _encode("--model", model_dir, "--out", out, photos, "--preview") == 0
+    assert sorted(p.name for p in out.glob("*.pca.png")) == ["a.pca.png", "b.pca.png"]
+    assert _encode("--model", model_dir, "--out", packed, photos / "a.png", "--format", "packed") == 0
+    capsys.readouterr()
+    assert _encode("--model", model_dir, "--out", packed, photos, "--format", "packed", "--preview") == 0
+    err = capsys.readouterr().err
+    assert "1 image encoded earlier without --preview has no preview" in err
+    assert [p.name for p in packed.glob("*.pca.png")] == ["b.pca.png"]  # a is not stored twice

@@ -646,3 +646,16 @@ def test_a_binary_key_column_gives_text_keys(model_dir, tmp_path):
     )
     keys, _, _ = _rows(tmp_path / "out" / "p.parquet")
     assert keys == ["k1", "caf\\xe9"]
+
+
+def test_preview_added_on_a_rerun_redoes_the_shard(model_dir, data, tmp_path, capsys):
+    out, shard = tmp_path / "out", data / "wds" / "00001.tar"
+    assert _encode("--model", model_dir, "--out", out, shard) == 1
+    before, embeddings, _ = _rows(out / "00001.parquet")
+    capsys.readouterr()
+    assert _encode("--model", model_dir, "--out", out, shard, "--preview") == 1
+    assert "it was encoded without --preview (0 of 4 pictures in 00001.pca)" in capsys.readouterr().err
+    keys, again, _ = _rows(out / "00001.parquet")
+    assert keys == before and np.array_equal(again, embeddings)
+    assert len(list((out / "00001.pca").glob("*.png"))) == len(keys)
+    assert _encode("--model", model_dir, "--out", out, shard, "--preview") == 0
