@@ -497,7 +497,9 @@ def _fixed(column: Any) -> np.ndarray:
 def _ragged(column: Any, dim: int) -> list[np.ndarray]:
     """A ``list<float32[D]>`` column as one ``[n_i, D]`` array per row."""
     array = column.combine_chunks()
-    offsets = array.offsets.to_numpy()
-    values = array.values.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    offsets = array.offsets.to_numpy()  # into array.values, whatever slice of the column this is
+    rows = array.values  # the fixed-size lists, which may themselves be a slice of a longer buffer
+    values = rows.values.to_numpy(zero_copy_only=False)[rows.offset * dim : (rows.offset + len(rows)) * dim]
+    values = values.reshape(-1, dim)
     values = values if values.flags.writeable else values.copy()  # torch takes writable arrays only
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(array))]

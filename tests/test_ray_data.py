@@ -205,3 +205,18 @@ def test_errors_without_a_key_keep_what_they_stand_for(model_dir, tmp_path, caps
     written, record = _table(out / "rows.parquet")
     assert written.column("key").to_pylist() == [k for k, d, _ in (rows[0], rows[2]) if d != CORRUPT]
     assert record["errors"][0] == {"key": None, "part": "row 1", "error": "no key"}
+
+
+def test_token_columns_are_read_at_their_offsets():
+    """A column whose rows, or whose fixed-size token lists, are slices of longer buffers reads as its own rows."""
+    from packvit_native.ray_data import _fixed, _ragged
+
+    dim = 2
+    tokens = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(20, dtype=np.float32)), dim)  # 10 tokens
+    inner = tokens.slice(3)  # tokens 3..9: a child that starts inside its buffer
+    column = pa.ListArray.from_arrays(pa.array([0, 2, 2, 7], pa.int32()), inner)  # rows of 2, 0 and 5 tokens
+    got = _ragged(pa.chunked_array([column.slice(1)]), dim)  # and the rows sliced too
+    expected = np.arange(20, dtype=np.float32).reshape(10, dim)
+    assert [g.shape[0] for g in got] == [0, 5] and np.array_equal(got[1], expected[5:10])
+    pooled = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(8, dtype=np.float32)), dim).slice(1, 2)
+    assert np.array_equal(_fixed(pa.chunked_array([pooled])), expected[1:3])
