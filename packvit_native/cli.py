@@ -992,6 +992,7 @@ def _encode_files(args: argparse.Namespace) -> int:
     out = Path(args.out)
     device = resolve_device(args)
     items = share(find_inputs(args.inputs, out), args.num_shards, args.shard_index, lambda i: i.name)
+    check_device(args, device)  # before --out is made: a bad device or backend leaves nothing behind
     prepare_out(out, say)
     manifest = build_manifest(args, sha256=None)
     previous = read_manifest(out)
@@ -1016,7 +1017,6 @@ def _encode_files(args: argparse.Namespace) -> int:
             f"{'has' if unpictured == 1 else 'have'} no preview: packed parts are never rewritten, so encode "
             "into a new --out to picture them"
         )
-    check_device(args, device)
     # Loaded even when nothing is left, so that a rerun with another model is refused, not reported as done.
     model, sha256 = load_model_or_fail(args, device)
     manifest["model"]["sha256"] = sha256

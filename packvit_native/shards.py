@@ -200,6 +200,8 @@ def find_shards(inputs: list[str]) -> list[Shard]:
     shards: dict[str, Shard] = {}
     for raw in _expanded(inputs):
         path = Path(raw)
+        if path.is_dir():
+            raise Fatal(f"{raw}: a folder, not a shard file (give the shards inside it, e.g. {raw}/*.tar)")
         if not path.is_file():
             raise Fatal(f"{raw}: no such file")
         shard = Shard(path, path.name[: -len(path.suffix)])
@@ -756,11 +758,11 @@ def shard_status(out: Path, shard: Shard, manifest: dict[str, Any], args: argpar
         unread = [e for e in record["errors"] if e["key"] is None and e.get("retry")]
     except (KeyError, TypeError, ValueError) as e:
         return f"{path.name} is damaged ({e})"
-    if size is not None and _size(shard.path) not in (None, size):  # a shard of the same name, not the same
-        return f"it was made from another file of this name ({record['shard']}, {size} bytes)"
     if unread:  # the file may have been read while being copied, or over a failing mount: read it again
         entry = unread[0]
         return f"part of it could not be read last time ({entry.get('part', 'archive')}: {entry['error']})"
+    if size is not None and _size(shard.path) not in (None, size):  # another dataset's, or grown since
+        return f"the input differs from the file it was made from ({record['shard']}, {size} bytes)"
     limit = args.max_decoded_pixels
     refused = [n for e in record["errors"] if (n := refused_pixels(str(e.get("error")))) is not None]
     if any(limit is None or n <= limit for n in refused):
@@ -853,6 +855,9 @@ def encode_shards(args: argparse.Namespace, kind: str, say: Callable[[str], None
         args.input = {"format": "webdataset"}
     metas = meta_types(kind, args, shards)
     check_outputs_free(shards, out)
+    if args.engine == "local":  # before --out is made: a bad device or backend leaves nothing behind
+        device = model_device = resolve_device(args)
+        check_device(args, device)
     prepare_out(out, say)
     if args.engine == "ray":
         from .ray_data import connect
@@ -861,14 +866,10 @@ def encode_shards(args: argparse.Namespace, kind: str, say: Callable[[str], None
             args, say
         )  # sets --workers, --gpus-per-worker and the default --dtype for the actors
         model_device = torch.device("cpu")  # the driver loads the model to fingerprint it and check settings
-    else:
-        device = model_device = resolve_device(args)
     manifest = build_manifest(args, sha256=None)
     previous = read_manifest(out)
     if previous is not None:
         check_manifest(out, previous, manifest)
-    if args.engine == "local":
-        check_device(args, device)
     model, sha256 = load_model_or_fail(args, model_device, check_only=args.engine == "ray")
     manifest["model"]["sha256"] = sha256
     if previous is not None:

@@ -426,10 +426,16 @@ def test_shard_options_are_checked_before_anything_is_written(model_dir, data, t
         ([image, "--engine", "ray"], "--engine ray reads webdataset or parquet shards"),
         ([wds, "--engine", "ray", "--decode", "gpu"], "--decode gpu applies to --engine local"),
     ]
+    (tmp_path / "folder.tar").mkdir()
+    cases.append(([tmp_path / "folder.tar"], "folder.tar: a folder, not a shard file"))
     for extra, message in cases:
         assert _encode("--model", model_dir, "--out", out, *extra) == 2
         assert message in capsys.readouterr().err
         assert not out.exists() or not any(out.iterdir())
+    for inputs in ([wds], [image]):  # a backend that cannot run is refused before --out is even made
+        assert _encode("--model", model_dir, "--out", out, *inputs, "--attn-backend", "nope") == 2
+        assert "unknown attention backend 'nope'" in capsys.readouterr().err
+        assert not out.exists()
 
 
 def test_preview_pictures(model_dir, data, tmp_path, capsys):
@@ -623,7 +629,7 @@ def test_another_shard_of_the_same_name_is_encoded_not_skipped(model_dir, data, 
     other = write_webdataset(tmp_path / "other", shards=1, per_shard=8)[0]  # another dataset's 00000.tar
     assert _encode("--model", model_dir, "--out", out, other) == 1
     err = capsys.readouterr().err
-    assert f"it was made from another file of this name ({data / 'wds' / '00000.tar'}, " in err
+    assert f"the input differs from the file it was made from ({data / 'wds' / '00000.tar'}, " in err
     keys, _, record = _rows(out / "00000.parquet")
     assert len(keys) == 7 and record["shard"] == str(other) and record["shard_bytes"] == other.stat().st_size
 
