@@ -142,20 +142,25 @@ def write_file(path: Path, write: Callable[[Path], None], *, exclusive: bool = F
             name cannot both succeed, so this claims a name.
     """
     path = Path(path)
+    with contextlib.ExitStack() as stack:
+        tmp = _staged(stack, path, write)
+        if exclusive:
+            _claim(tmp, path)
+        else:
+            os.replace(tmp, path)
+        _fsync(path.parent)
+
+
+def _staged(stack: contextlib.ExitStack, path: Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path``'s content whole under a temporary name, locked and removed when ``stack`` closes."""
     tmp = path.parent / temp_name(path.name)
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-    try:
-        with _locked(tmp):
-            write(tmp)
-            _fsync(tmp)  # by name: the file there now, even if a writer replaced the one it was given
-            os.chmod(tmp, new_file_mode())
-            if exclusive:
-                _claim(tmp, path)
-            else:
-                os.replace(tmp, path)
-            _fsync(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    stack.callback(tmp.unlink, missing_ok=True)
+    stack.enter_context(_locked(tmp))
+    write(tmp)
+    _fsync(tmp)  # by name: the file there now, even if a writer replaced the one it was given
+    os.chmod(tmp, new_file_mode())
+    return tmp
 
 
 def write_files(files: list[tuple[Path, Callable[[Path], None]]]) -> None:
@@ -169,16 +174,7 @@ def write_files(files: list[tuple[Path, Callable[[Path], None]]]) -> None:
     if len(folders) != 1:
         raise ValueError(f"files written together must share one folder, not {sorted(map(str, folders))}")
     with contextlib.ExitStack() as stack:
-        staged = []
-        for path, write in files:
-            tmp = path.parent / temp_name(path.name)
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            stack.callback(tmp.unlink, missing_ok=True)
-            stack.enter_context(_locked(tmp))
-            write(tmp)
-            _fsync(tmp)
-            os.chmod(tmp, new_file_mode())
-            staged.append((tmp, path))
+        staged = [(_staged(stack, path, write), path) for path, write in files]
         (folder,) = folders
         with _locked(folder):
             for tmp, path in staged:
