@@ -50,6 +50,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import re
 import secrets
 import tarfile
@@ -146,29 +147,51 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
 
 
+# A typo such as {0..99999999} would otherwise build a list of a hundred million paths before anything is checked.
+MAX_EXPANDED = 1_000_000
+
+
 def expand_braces(pattern: str) -> list[str]:
     """Expand ``{a,b}`` lists and ``{000..099}`` ranges (zero-padded when a bound is), left to right, as a
-    shell does: ``data/{0..1}-{a,b}.tar`` -> ``data/0-a.tar, data/0-b.tar, data/1-a.tar, data/1-b.tar``."""
+    shell does: ``data/{0..1}-{a,b}.tar`` -> ``data/0-a.tar, data/0-b.tar, data/1-a.tar, data/1-b.tar``.
+    ``ValueError`` for a malformed brace or a pattern naming more than ``MAX_EXPANDED`` paths."""
+    count = math.prod(len(_brace_span(pattern, m.group(1))) for m in _BRACE.finditer(pattern))
+    if count > MAX_EXPANDED:
+        raise ValueError(f"{pattern}: names {count:,} paths, more than {MAX_EXPANDED:,}; split the run")
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
     match = _BRACE.search(pattern)
     if match is None:
         return [pattern]
     body = match.group(1)
+    values = _brace_span(pattern, body)  # checked again: substituting a value can form a new brace
+    if isinstance(values, range):
+        bounds = _RANGE.fullmatch(body).groups()  # type: ignore[union-attr]
+        pad = max(map(len, bounds)) if any(_zero_padded(bound) for bound in bounds) else 0
+        values = [str(i).zfill(pad) for i in values]
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [path for value in values for path in _expand(head + value + tail)]
+
+
+def _brace_span(pattern: str, body: str) -> range | list[str]:
+    """The values of one brace: a ``range`` (not built, so it can be counted first) or the listed strings."""
     numbers = _RANGE.fullmatch(body)
     if numbers:
-        lo, hi = numbers.groups()
-        pad = (
-            max(len(lo), len(hi))
-            if any(len(b.lstrip("-")) > 1 and b.lstrip("-")[0] == "0" for b in (lo, hi))
-            else 0
-        )
-        step = 1 if int(hi) >= int(lo) else -1
-        values = [str(i).zfill(pad) for i in range(int(lo), int(hi) + step, step)]
-    elif "," in body:
-        values = body.split(",")
-    else:
-        raise ValueError(f"{pattern}: cannot expand {{{body}}}; use {{a,b,c}} or {{000..099}}")
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [path for value in values for path in expand_braces(head + value + tail)]
+        lo, hi = (int(bound) for bound in numbers.groups())
+        span = range(lo, hi + 1) if hi >= lo else range(lo, hi - 1, -1)
+        if len(span) > MAX_EXPANDED:
+            raise ValueError(f"{pattern}: {{{body}}} names {len(span):,} paths, more than {MAX_EXPANDED:,}")
+        return span
+    if "," in body:
+        return body.split(",")
+    raise ValueError(f"{pattern}: cannot expand {{{body}}}; use {{a,b,c}} or {{000..099}}")
+
+
+def _zero_padded(bound: str) -> bool:
+    digits = bound.lstrip("-")
+    return len(digits) > 1 and digits[0] == "0"
 
 
 def _expanded(inputs: list[str]) -> list[str]:
@@ -694,8 +717,23 @@ def write_shard(
         table = pa.table(columns).replace_schema_metadata({RECORD_KEY: json.dumps(record)})
         files.append((out / f"{name}.parquet", lambda tmp: pa.parquet.write_table(table, tmp)))
         atomic.write_files(files)
+        _prune_pictures(out / f"{name}.pca", {preview_name(key) for key in keys} if args.preview else set())
     except (OSError, ValueError) as e:  # ValueError: a token file safetensors cannot hold
         raise Fatal(f"cannot write the outputs of {result.shard.path}: {reason(e)}; {KEPT}") from None
+
+
+def _prune_pictures(folder: Path, keep: set[str]) -> None:
+    """Remove the pictures of an earlier encode of this shard that this one did not write: they show images
+    the shard no longer holds, or (its input replaced) other images under the same keys."""
+    try:
+        pictures = [p for p in folder.iterdir() if p.suffix == ".png" and p.name not in keep]
+    except FileNotFoundError:
+        return
+    for picture in pictures:
+        picture.unlink(missing_ok=True)
+    if not keep:
+        with contextlib.suppress(OSError):  # kept while it holds anything else
+            folder.rmdir()
 
 
 # A file name may hold 255 bytes; the temporary name written first adds the host, pid and a random part.

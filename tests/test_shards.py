@@ -63,6 +63,18 @@ def test_expand_braces():
     assert shards.expand_braces("plain.tar") == ["plain.tar"]
     with pytest.raises(ValueError, match="cannot expand"):
         shards.expand_braces("x{y}.tar")
+    assert shards.expand_braces("{-01..1}") == ["-01", "000", "001"]
+
+
+def test_expand_braces_refuses_a_pattern_naming_too_many_paths():
+    # Refused before a single path is built (a list of 10^12 strings would exhaust memory first).
+    with pytest.raises(ValueError, match="names 1,000,000,000,000 paths, more than 1,000,000"):
+        shards.expand_braces("d/{000000..999999}/{000000..999999}.tar")
+    with pytest.raises(ValueError, match="names 10,000,000,000 paths"):
+        shards.expand_braces("d/{0..9999999999}.tar")
+    with pytest.raises(ValueError, match=r"\{0\.\.99999999\} names 100,000,000 paths"):
+        shards.expand_braces("{0..{9,99999999}}")  # a range that exists only once its inner brace is expanded
+    assert len(shards.expand_braces(f"{{1..{shards.MAX_EXPANDED}}}")) == shards.MAX_EXPANDED
 
 
 def test_webdataset_shards_match_the_single_image_path(model_dir, data, tmp_path, capsys):
@@ -632,6 +644,25 @@ def test_another_shard_of_the_same_name_is_encoded_not_skipped(model_dir, data, 
     assert f"the input differs from the file it was made from ({data / 'wds' / '00000.tar'}, " in err
     keys, _, record = _rows(out / "00000.parquet")
     assert len(keys) == 7 and record["shard"] == str(other) and record["shard_bytes"] == other.stat().st_size
+
+
+def test_a_redone_shard_keeps_only_its_own_pictures(model_dir, data, tmp_path):
+    out = tmp_path / "out"
+    assert _encode("--model", model_dir, "--out", out, data / "wds" / "00000.tar", "--preview") == 1
+    assert len(list((out / "00000.pca").glob("*.png"))) == 4
+    (out / "00000.pca" / "notes.txt").write_text("not ours")
+    members = [(f"new{i}.{ext}", blob) for i, (_, blob, ext) in enumerate(samples(3, 2))]
+    (tmp_path / "other").mkdir()
+    other = _tar(tmp_path / "other" / "00000.tar", members)  # another dataset's shard of the same name
+    assert _encode("--model", model_dir, "--out", out, other, "--preview") == 0
+    assert sorted(p.name for p in (out / "00000.pca").iterdir()) == ["new0.png", "new1.png", "notes.txt"]
+    other.write_bytes(other.read_bytes() + bytes(10240))  # changed again: redone, now without pictures
+    assert _encode("--model", model_dir, "--out", out, other) == 0
+    assert [p.name for p in (out / "00000.pca").iterdir()] == ["notes.txt"]
+    (out / "00000.pca" / "notes.txt").unlink()
+    other.write_bytes(other.read_bytes() + bytes(10240))
+    assert _encode("--model", model_dir, "--out", out, other) == 0
+    assert not (out / "00000.pca").exists()
 
 
 def test_a_binary_key_column_gives_text_keys(model_dir, tmp_path):
