@@ -48,6 +48,7 @@ FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 # Floor of a row's abs-max: an all-zero row gets a tiny positive scale instead of a division by zero (its
 # quantized values are zeros either way).
 AMAX_FLOOR = 1e-12
+INV_FP8_MAX = 1 / FP8_MAX  # rounded to fp32 where it is used
 # torch._scaled_mm needs the inner dimension and the output width in multiples of 16.
 ALIGNMENT = 16
 # Lowest CUDA compute capability with float8 tensor cores (Ada); Hopper and Blackwell have them too.
@@ -63,7 +64,10 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     if fused_quantize_available(x):
         return _quantize_fused(x)
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=AMAX_FLOOR) / FP8_MAX  # [M, 1]
+    # A product with the reciprocal, not a quotient: PyTorch divides by a scalar that way on CUDA and exactly on
+    # the CPU, which gave scales one bit apart (and codes apart where a quotient falls on a rounding midpoint,
+    # as bf16 inputs often do). A product rounds the same on every device, in Triton and under compile.
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=AMAX_FLOOR) * INV_FP8_MAX  # [M, 1]
     # The clamp keeps a quotient rounded just above 448 finite: float8 e4m3fn has no infinity.
     q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
@@ -75,15 +79,15 @@ def _quantize_kernel():
     import triton.language as tl
 
     @triton.jit
-    def quantize(x_ptr, q_ptr, scale_ptr, cols, x_row, amax_floor, fp8_max, BLOCK: tl.constexpr):
+    def quantize(x_ptr, q_ptr, scale_ptr, cols, x_row, amax_floor, inv_fp8_max, fp8_max, BLOCK: tl.constexpr):
         # One program: one whole row. int64 offsets: a packed batch passes 2**31 elements at about 500k
         # tokens of an MLP's hidden width.
         row = tl.program_id(0).to(tl.int64)
         j = tl.arange(0, BLOCK)
         mask = j < cols
         x = tl.load(x_ptr + row * x_row + j, mask=mask, other=0.0).to(tl.float32)
-        # Rounded divisions, so the scales and codes are those of the PyTorch formula.
-        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), amax_floor), fp8_max)
+        # A rounded product and a rounded division, so the scales and codes are those of the PyTorch formula.
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), amax_floor) * inv_fp8_max
         q = tl.clamp(tl.div_rn(x, scale), -fp8_max, fp8_max)
         tl.store(q_ptr + row * cols + j, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
@@ -101,7 +105,7 @@ def _quantize_fused(x: Tensor) -> tuple[Tensor, Tensor]:
         block = triton.next_power_of_2(cols)
         with torch.cuda.device(x.device):  # Triton launches on the current device and its current stream
             _quantize_kernel()[(rows,)](
-                x, q, scale, cols, x.stride(0), AMAX_FLOOR, FP8_MAX, BLOCK=block,
+                x, q, scale, cols, x.stride(0), AMAX_FLOOR, INV_FP8_MAX, FP8_MAX, BLOCK=block,
                 num_warps=max(1, min(16, block // 512)),
             )  # fmt: skip
     return q, scale
