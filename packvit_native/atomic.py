@@ -7,7 +7,8 @@ A reader therefore sees the complete old version or the complete new one, never 
 
 Temporary names carry the writer's host and process id: ``.NAME.HOST.PID.RANDOM.tmp`` (``.aside`` for a replaced
 folder moved aside where folders cannot be swapped in one step), and the writer holds an exclusive ``flock`` on
-its temporary file or folder while it writes. Nothing else in the folder is ever touched: a user's own
+its temporary file or folder while it writes. A NAME too long to fit is shortened to its start and a hash
+(``_stem``). Nothing else in the folder is ever touched: a user's own
 ``.NAME.previous`` or backup stays. A later run removes a leftover only if
 its process is gone from this host *and* nobody holds its lock (:func:`remove_stale`): a concurrent run in
 another PID namespace that shares the host name keeps its files.
@@ -19,7 +20,9 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -74,10 +77,31 @@ def _host() -> str:
     return "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname()) or "host"
 
 
+# A file name holds at most 255 bytes; the host (at most 64), the pid, the random part and the kind take up to
+# about 90 of them, so a longer name is shortened in its temporary names to fit.
+_STEM_BYTES = 160
+
+
+def _stem(name: str) -> str:
+    """``name``, or for a name too long to fit in a temporary name, its start and a hash of the whole."""
+    raw = name.encode(errors="surrogateescape")
+    if len(raw) <= _STEM_BYTES:
+        return name
+    start = raw[: _STEM_BYTES - 17].decode(errors="ignore")  # whole characters only
+    return f"{start}~{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
+def _shortened(stem: str) -> bool:
+    return (
+        len(stem.encode(errors="surrogateescape")) > _STEM_BYTES - 20
+        and re.search(r"~[0-9a-f]{16}$", stem) is not None
+    )
+
+
 def temp_name(name: str, kind: str = "tmp") -> str:
     """A fresh temporary sibling name for ``name`` that records this host and process; ``kind`` ``"aside"``
     names a replaced folder moved aside (see :func:`remove_stale`)."""
-    return f".{name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
+    return f".{_stem(name)}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
 
 
 def _fsync(path: Path) -> None:
@@ -398,7 +422,7 @@ def _temporaries(folder: Path, name: str | None) -> list[tuple[Path, list[str]]]
         parts = entry.name.rsplit(".", 4)
         if len(parts) != 5 or parts[4] not in ("tmp", "aside") or not parts[2].isdigit():
             continue
-        if name is None or parts[0] == f".{name}":
+        if name is None or parts[0] == f".{_stem(name)}":
             found.append((entry, parts))
     return found
 
@@ -421,7 +445,9 @@ def remove_stale(folder: Path, name: str | None = None) -> list[Path]:
             continue
         if _pid_alive(int(parts[2])) or entry.is_symlink() or _in_use(entry):
             continue
-        target = folder / parts[0][1:]
+        target = folder / (name if name is not None else parts[0][1:])
+        if parts[4] == "aside" and name is None and _shortened(parts[0][1:]):
+            continue  # which folder it was cannot be told without the name: left for a call that names it
         if parts[4] == "aside" and entry.is_dir() and not target.exists() and not target.is_symlink():
             os.rename(entry, target)  # a kill fell between the two renames of a replacement: undo it
             continue

@@ -124,6 +124,34 @@ def test_kill_between_the_fallback_renames_is_undone_by_the_next_run(tmp_path, m
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_names_too_long_for_a_temporary_name_are_written(tmp_path, monkeypatch):
+    """A name of up to 255 bytes is written, though its temporary name (host, pid, random part) would be longer;
+    a folder of such a name moved aside by a kill between two renames is still put back."""
+    name = "é" * 120 + ".safetensors"  # 252 bytes
+    atomic.write_file(tmp_path / name, lambda tmp: tmp.write_text("x"))
+    atomic.write_files([(tmp_path / (name[:-12] + ".parquet"), lambda tmp: tmp.write_text("y"))])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, name[:-12] + ".parquet"])
+    out = tmp_path / ("d" * 250)
+    atomic.replace_dir(out, _fill("a"))
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def killed_after_first_rename(src, dst):
+        real_rename(src, dst)
+        if str(dst).endswith(".aside"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "rename", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.replace_dir(out, _fill("b"), force=True)
+    monkeypatch.setattr(atomic.os, "rename", real_rename)
+    monkeypatch.setattr(atomic, "_pid_alive", lambda pid: False)
+    assert atomic.remove_stale(tmp_path) == [] and not out.exists()  # nameless: which folder is unknown
+    atomic.replace_dir(out, _fill("c"), force=True)  # names it: the old folder is put back, then replaced
+    assert (out / "config.json").read_text() == "c"
+    assert len(list(tmp_path.iterdir())) == 3
+
+
 @pytest.mark.parametrize("force", [False, True])
 def test_a_users_previous_folder_is_never_touched(tmp_path, force):
     out, mine = tmp_path / "model", tmp_path / ".model.previous"
