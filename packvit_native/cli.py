@@ -135,9 +135,11 @@ def find_images(inputs: Iterable[str | os.PathLike], out: Path | None = None) ->
                     and f.relative_to(path).parts[: len(skip)] == skip
                 )
             )
-            items += [Item(f, path_text(f.relative_to(path).with_suffix("").as_posix())) for f in found]
+            items += [
+                Item(f, _storable(path_text(f.relative_to(path).with_suffix("").as_posix()))) for f in found
+            ]
         elif path.is_file():
-            items.append(Item(path, path_text(path.stem)))
+            items.append(Item(path, _storable(path_text(path.stem))))
         else:
             raise ValueError(f"{raw}: no such file or folder")
     by_name: dict[str, list[Path]] = {}
@@ -148,6 +150,23 @@ def find_images(inputs: Iterable[str | os.PathLike], out: Path | None = None) ->
         shown = "; ".join(f"{n}: {', '.join(map(str, p))}" for n, p in list(clashes.items())[:5])
         raise ValueError(f"several inputs would be stored under the same name ({shown})")
     return items
+
+
+# The longest suffix an output of an image gets (".safetensors.damaged", for a damaged one moved aside), and
+# the longest file name file systems allow.
+_LONGEST_SUFFIX, _NAME_MAX = len(".safetensors.damaged"), 255
+
+
+def _storable(name: str) -> str:
+    """``name`` with its last part shortened to its start and a hash of the whole where that part and an
+    output's suffix would not fit in a file name (the ``source`` in each output names the image)."""
+    folder, _, last = name.rpartition("/")
+    raw = last.encode()
+    if len(raw) + _LONGEST_SUFFIX <= _NAME_MAX:
+        return name
+    start = raw[: _NAME_MAX - _LONGEST_SUFFIX - 17].decode(errors="ignore")
+    short = f"{start}~{hashlib.sha256(raw).hexdigest()[:16]}"
+    return f"{folder}/{short}" if folder else short
 
 
 def _inside(out: Path | None, folder: Path) -> tuple[str, ...] | None:

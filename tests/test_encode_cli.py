@@ -239,6 +239,27 @@ def test_a_file_name_that_is_not_utf8_is_encoded_and_resumed(tiny_reference, tmp
     assert "already in" in capsys.readouterr().err
 
 
+def test_an_image_named_near_the_file_name_limit_is_stored_under_a_shortened_name(
+    tiny_reference, tmp_path, capsys
+):
+    images = tmp_path / "images" / "sub"
+    images.mkdir(parents=True)
+    stem = "写真" * 41  # 246 bytes: with ".safetensors" over the 255 a file name may hold
+    Image.fromarray(np.full((20, 28, 3), 90, np.uint8)).save(images / f"{stem}.png")
+    Image.fromarray(np.full((20, 28, 3), 40, np.uint8)).save(images / "z.png")
+    src, out = tiny_reference("dinov3", "gelu"), tmp_path / "out"
+    assert _encode("--model", src, "--out", out, images.parent, "--preview") == 0
+    names = {p.name for p in (out / "sub").iterdir()} - {"z.safetensors", "z.pca.png"}
+    short = f"{stem[:72]}~"  # the start that fits (216 of 218 bytes), then a hash of the whole name
+    assert len(names) == 2 and all(n.startswith(short) and len(n.encode()) <= 255 for n in names)
+    (features,) = (n for n in names if n.endswith(".safetensors"))
+    with safe_open(out / "sub" / features, "pt") as f:
+        assert f.metadata()["source"] == str(images / f"{stem}.png")
+    capsys.readouterr()
+    assert _encode("--model", src, "--out", out, images.parent, "--preview") == 0
+    assert "skipping 2 of 2 images" in capsys.readouterr().err
+
+
 def test_a_file_of_someone_elses_named_like_an_output_is_never_replaced(tiny_reference, tmp_path, capsys):
     """Encoding a folder into itself: model.png beside model.safetensors (a model's weights, say)."""
     images = tmp_path / "images"
