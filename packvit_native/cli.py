@@ -216,7 +216,7 @@ def save_tensors(
         raise Fatal(f"cannot write {path}: {e}; {KEPT}") from None
 
 
-def _move_aside(path: Path, damage: ValueError) -> Path:
+def move_aside(path: Path, damage: ValueError) -> Path:
     """Rename a damaged file to ``NAME.damaged`` and return that path: out of the way of readers of the folder,
     never overwritten, its bytes kept for a look (it may not even be ours)."""
     aside = path.with_name(path.name + ".damaged")
@@ -320,7 +320,7 @@ class _Writer:
                 )
                 raise Fatal(f"{part} {e}: {what}; use another --out") from None
             except ValueError as e:  # its images are simply not counted as done
-                aside = _move_aside(part, e)
+                aside = move_aside(part, e)
                 self.say(
                     f"packvit encode: {part} is damaged ({e}); moved to {aside.name}, its images are redone"
                 )
@@ -342,7 +342,7 @@ class _Writer:
             self.say(f"packvit encode: {path} {e}; encoding {item.path} again")
             return False
         except ValueError as e:  # damaged, or not a safetensors file at all (a Git LFS pointer)
-            aside = _move_aside(path, e)
+            aside = move_aside(path, e)
             self.say(
                 f"packvit encode: {path} is damaged ({e}); moved to {aside.name}, encoding {item.path} again"
             )

@@ -86,6 +86,7 @@ from .cli import (
     gpu_decoder,
     load_model_or_fail,
     loading_processes,
+    move_aside,
     on_device,
     path_text,
     plural,
@@ -676,6 +677,7 @@ def write_shard(
     tokens = None
     files: list[tuple[Path, Callable[[Path], None]]] = []
     try:
+        _make_way_for_tokens(tokens_file)
         if args.tokens and images:
             tokens = {"file": tokens_file.name, "write_id": secrets.token_hex(8)}
             tensors = _token_tensors([e for _, _, e, _ in images], args)
@@ -687,7 +689,7 @@ def write_shard(
 
             files.append((tokens_file, write_tokens))
         else:
-            tokens_file.unlink(missing_ok=True)  # left by an interrupted attempt with other outcomes
+            tokens_file.unlink(missing_ok=True)  # ours, from an earlier encode with other outcomes
         if args.preview:
             from .preview import write_png
 
@@ -720,6 +722,22 @@ def write_shard(
         _prune_pictures(out / f"{name}.pca", {preview_name(key) for key in keys} if args.preview else set())
     except (OSError, ValueError) as e:  # ValueError: a token file safetensors cannot hold
         raise Fatal(f"cannot write the outputs of {result.shard.path}: {reason(e)}; {KEPT}") from None
+
+
+def _make_way_for_tokens(path: Path) -> None:
+    """Move a file at ``path`` that is not a whole token file of ours aside to ``NAME.damaged``, never deleting
+    it: an attempt that was cut short leaves none (ours are written whole), so it may be a user's file (a Git
+    LFS pointer) or one damaged on disk. Ours is left to be replaced or removed."""
+    try:
+        with safe_open(path, "pt") as f:
+            if "write_id" in (f.metadata() or {}):
+                return
+        problem = "it carries no write id of packvit encode"
+    except FileNotFoundError:
+        return
+    except (OSError, SafetensorError) as e:
+        problem = f"it cannot be read as safetensors: {e}"
+    move_aside(path, ValueError(problem))
 
 
 def _prune_pictures(folder: Path, keep: set[str]) -> None:
@@ -825,8 +843,8 @@ def shard_status(out: Path, shard: Shard, manifest: dict[str, Any], args: argpar
 
 def check_outputs_free(shards: list[Shard], out: Path) -> None:
     """``Fatal`` if an output would replace an input shard (parquet files encoded into their own folder) or a
-    safetensors file that is not a token file of ours (every one carries a write id; an unreadable one can
-    only be ours, damaged, since ours are written whole)."""
+    safetensors file that is not a token file of ours (every one carries a write id). One that cannot be read
+    is moved aside when its shard is written (``_make_way_for_tokens``)."""
     # By file identity, not by name: a link, or a case-insensitive file system, gives one file several names.
     inputs = {_file_identity(shard.path): shard.path for shard in shards}
     inputs.pop(None, None)  # unreadable inputs are reported when their turn comes

@@ -665,6 +665,19 @@ def test_a_redone_shard_keeps_only_its_own_pictures(model_dir, data, tmp_path):
     assert not (out / "00000.pca").exists()
 
 
+@pytest.mark.parametrize("tokens", [[], ["--tokens"]])
+def test_an_unreadable_file_named_like_a_token_file_is_moved_aside_not_deleted(
+    model_dir, data, tmp_path, tokens
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 42\n"
+    (out / "00000.safetensors").write_bytes(pointer)
+    assert _encode("--model", model_dir, "--out", out, data / "wds" / "00000.tar", *tokens) == 1
+    assert (out / "00000.safetensors.damaged").read_bytes() == pointer
+    assert (out / "00000.safetensors").is_file() == bool(tokens)
+
+
 def test_a_binary_key_column_gives_text_keys(model_dir, tmp_path):
     import pyarrow as pa
 
