@@ -915,12 +915,19 @@ def capture_graphs(model: Any, args: argparse.Namespace) -> None:
 
 
 def share(items: list[Any], num_shards: int, shard_index: int, name: Callable[[Any], str]) -> list[Any]:
-    """This run's share of ``items`` under ``--num-shards N --shard-index I``: sorted by name, every item whose
-    position ``i`` has ``i % N == I``. Runs with the same N and each I cover all items once, with no
-    coordination."""
+    """This run's share of ``items`` under ``--num-shards N --shard-index I``: every item whose name hashes to
+    ``I`` modulo ``N``. Runs with the same N and each I cover all items once, with no coordination, and an
+    item's run depends on its name alone: a run repeated after inputs were added or removed still covers what
+    the others left to it (by position in the sorted list, an added name moved every later one to another run)."""
     if num_shards == 1:
         return items
-    return [item for i, item in enumerate(sorted(items, key=name)) if i % num_shards == shard_index]
+    return [item for item in items if share_index(name(item), num_shards) == shard_index]
+
+
+def share_index(name: str, num_shards: int) -> int:
+    """The ``--shard-index`` of the run that encodes the input named ``name`` among ``num_shards`` runs."""
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
 
 
 def encode(args: argparse.Namespace) -> int:
@@ -1301,8 +1308,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     shards.add_argument(
         "--num-shards", type=_positive_int, default=1, metavar="N",
-        help="split the inputs (shards, or image files) by sorted name, position i going to run i %% N; with "
-        "--shard-index, for slurm arrays or torchrun (default 1)",
+        help="split the inputs (shards, or image files) by a hash of each name modulo N, so an input's run "
+        "depends on its name alone; with --shard-index, for slurm arrays or torchrun (default 1)",
     )  # fmt: skip
     shards.add_argument(
         "--shard-index", type=int, default=0, metavar="I", help="this run's share, 0..N-1 (default 0)"

@@ -21,7 +21,7 @@ from shard_data import CORRUPT, as_files, samples, write_parquet, write_webdatas
 
 import packvit_native as pv
 from packvit_native import shards
-from packvit_native.cli import MANIFEST, main
+from packvit_native.cli import MANIFEST, main, share, share_index
 from packvit_native.preview import pca_rgb
 
 WDS_SHARDS, PER_SHARD = 3, 5
@@ -317,7 +317,7 @@ def test_num_shards_splits_deterministically_and_matches_one_run(model_dir, data
             == 1
         )
         written = sorted(p.stem for p in split.glob("*.parquet"))
-        # sorted names, position i to run i % 2: 00000 and 00002 to run 0, 00001 to run 1
+        # by a hash of the name: 00000 and 00002 to run 0, 00001 to run 1
         assert written == (["00000", "00002"] if index == 0 else ["00000", "00001", "00002"])
     capsys.readouterr()
     for s in range(WDS_SHARDS):
@@ -328,11 +328,23 @@ def test_num_shards_splits_deterministically_and_matches_one_run(model_dir, data
         torch.testing.assert_close(ta["features"], tb["features"], rtol=0, atol=1e-6)
     assert _encode("--model", model_dir, "--out", split, pattern, "--num-shards", 2, "--shard-index", 2) == 2
     assert "--shard-index 2 is not in 0..1" in capsys.readouterr().err
-    # more runs than shards (a torchrun job with 4 ranks over 3 shards): the idle run succeeds, writing nothing
+    # more runs than shards (a torchrun job with 4 ranks over 3 shards): an idle run succeeds, writing nothing
     before = sorted(p.name for p in split.iterdir())
-    assert _encode("--model", model_dir, "--out", split, pattern, "--num-shards", 4, "--shard-index", 3) == 0
+    assert [share_index(f"{s:05d}", 4) for s in range(3)] == [0, 3, 2]
+    assert _encode("--model", model_dir, "--out", split, pattern, "--num-shards", 4, "--shard-index", 1) == 0
     assert "has no shard to encode; nothing to do" in capsys.readouterr().err
     assert sorted(p.name for p in split.iterdir()) == before
+
+
+def test_an_inputs_run_depends_on_its_name_alone():
+    """Runs repeated after inputs were added still cover every input once: no name changes run."""
+    names = [f"{i:05d}" for i in range(1000)]
+    runs = [share(names, 8, i, str) for i in range(8)]
+    assert sorted(n for run in runs for n in run) == names
+    assert all(100 <= len(run) <= 150 for run in runs)  # about 125 each
+    grown = sorted([*names, "00000a", "extra", "0"])
+    for i, run in enumerate(runs):
+        assert set(run) <= set(share(grown, 8, i, str))
 
 
 KILLABLE = """
