@@ -51,6 +51,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import secrets
 import tarfile
@@ -643,6 +644,7 @@ def _record(
         "packvit_encode": MANIFEST_VERSION,
         "shard": str(result.shard.path),
         "shard_bytes": _size(result.shard.path),
+        "shard_ends_sha256": ends_digest(result.shard.path),
         "model": manifest["model"],
         "settings": manifest["settings"],
         "embedding": embedding_source(config),
@@ -650,6 +652,24 @@ def _record(
         "errors": [entry for _, entry in sorted(result.errors, key=lambda e: e[0])],
         "tokens": tokens,
     }
+
+
+# The first and last bytes of an input stand for its content in a record: tar headers name the first member and
+# carry its time, a parquet footer its schema and statistics. Enough to tell another dataset's 00000.tar of the
+# same size (tar files are padded to 10 KiB, so equal sizes are common), at two small reads a finished shard.
+ENDS_BYTES = 16384
+
+
+def ends_digest(path: Path) -> str | None:
+    """sha256 of ``path``'s first and last ``ENDS_BYTES`` bytes; ``None`` if it cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(ENDS_BYTES)
+            file.seek(max(os.fstat(file.fileno()).st_size - ENDS_BYTES, 0))
+            tail = file.read(ENDS_BYTES)
+    except OSError:
+        return None
+    return hashlib.sha256(head + tail).hexdigest()
 
 
 def _size(path: Path) -> int | None:
@@ -810,14 +830,16 @@ def shard_status(out: Path, shard: Shard, manifest: dict[str, Any], args: argpar
         ):
             return "it was made with other settings or another model"
         tokens = record["tokens"]
-        size = record.get("shard_bytes")  # absent in records of earlier versions
+        size, ends = record.get("shard_bytes"), record.get("shard_ends_sha256")  # absent in earlier records
         unread = [e for e in record["errors"] if e["key"] is None and e.get("retry")]
     except (KeyError, TypeError, ValueError) as e:
         return f"{path.name} is damaged ({e})"
     if unread:  # the file may have been read while being copied, or over a failing mount: read it again
         entry = unread[0]
         return f"part of it could not be read last time ({entry.get('part', 'archive')}: {entry['error']})"
-    if size is not None and _size(shard.path) not in (None, size):  # another dataset's, or grown since
+    if (size is not None and _size(shard.path) not in (None, size)) or (
+        ends is not None and ends_digest(shard.path) not in (None, ends)
+    ):  # another dataset's, or changed since
         return f"the input differs from the file it was made from ({record['shard']}, {size} bytes)"
     limit = args.max_decoded_pixels
     refused = [n for e in record["errors"] if (n := refused_pixels(str(e.get("error")))) is not None]

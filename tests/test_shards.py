@@ -656,6 +656,20 @@ def test_another_shard_of_the_same_name_is_encoded_not_skipped(model_dir, data, 
     assert f"the input differs from the file it was made from ({data / 'wds' / '00000.tar'}, " in err
     keys, _, record = _rows(out / "00000.parquet")
     assert len(keys) == 7 and record["shard"] == str(other) and record["shard_bytes"] == other.stat().st_size
+    # one of the same size (tar files are padded to 10 KiB): its first and last bytes tell it apart
+    import tarfile
+
+    same_size = tmp_path / "same" / "00000.tar"
+    same_size.parent.mkdir()
+    with tarfile.open(other) as src, tarfile.open(same_size, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            member.mtime += 1
+            dst.addfile(member, io.BytesIO(data[::-1] if member.name.endswith(".txt") else data))
+    assert same_size.stat().st_size == other.stat().st_size and same_size.read_bytes() != other.read_bytes()
+    assert _encode("--model", model_dir, "--out", out, same_size) == 1
+    assert f"the input differs from the file it was made from ({other}, " in capsys.readouterr().err
+    assert _rows(out / "00000.parquet")[2]["shard"] == str(same_size)
 
 
 def test_a_redone_shard_keeps_only_its_own_pictures(model_dir, data, tmp_path):
