@@ -112,10 +112,11 @@ class Item:
 
 
 def find_images(inputs: Iterable[str | os.PathLike], out: Path | None = None) -> list[Item]:
-    """Expand files and folders into named images; ``ValueError`` for a missing input or clashing names.
+    """Expand files and folders into named images; ``ValueError`` for a missing input, a folder that cannot be
+    listed, or clashing names. Folders are searched recursively, through linked folders too.
 
-    Previews inside ``out`` are left out: they are this command's own outputs, which a rerun into an output
-    folder within its input would otherwise encode as new images.
+    Previews in ``out`` or in any other output folder of ``packvit encode`` (one holding its manifest) are left
+    out: they are outputs, which a run into an output folder within its input would otherwise encode as images.
 
     A name keeps the bytes of a file name that are not UTF-8 as ``\\xNN`` text: output files and their headers
     (safetensors reads only UTF-8 paths and metadata) then hold it as it is shown."""
@@ -123,20 +124,9 @@ def find_images(inputs: Iterable[str | os.PathLike], out: Path | None = None) ->
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            skip = _inside(out, path)
-            found = sorted(
-                f
-                for f in path.rglob("*")
-                if f.is_file()
-                and f.suffix.lower() in IMAGE_SUFFIXES
-                and not (
-                    skip is not None
-                    and f.name.endswith(PREVIEW_SUFFIX)
-                    and f.relative_to(path).parts[: len(skip)] == skip
-                )
-            )
             items += [
-                Item(f, _storable(path_text(f.relative_to(path).with_suffix("").as_posix()))) for f in found
+                Item(f, _storable(path_text(f.relative_to(path).with_suffix("").as_posix())))
+                for f in _image_files(path, out)
             ]
         elif path.is_file():
             items.append(Item(path, _storable(path_text(path.stem))))
@@ -169,14 +159,41 @@ def _storable(name: str) -> str:
     return f"{folder}/{short}" if folder else short
 
 
-def _inside(out: Path | None, folder: Path) -> tuple[str, ...] | None:
-    """The parts of ``out``'s path relative to ``folder`` if ``out`` lies within it (symlinks resolved)."""
-    if out is None:
-        return None
+def _image_files(folder: Path, out: Path | None) -> list[Path]:
+    """The image files under ``folder`` in sorted order, as :func:`find_images` describes; a linked folder that
+    leads back to one it lies in is not entered again."""
+    out_id = _folder_id(out) if out is not None else None
+    found: list[Path] = []
+
+    def walk(at: Path, ancestors: frozenset[tuple[int, int]], in_outputs: bool) -> None:
+        here = _folder_id(at)
+        if here is None or here in ancestors:
+            return
+        try:
+            entries = sorted(os.scandir(at), key=lambda entry: entry.name)
+        except OSError as e:
+            raise ValueError(f"{at}: cannot list this folder ({reason(e)}); fix it or leave it out") from None
+        in_outputs = in_outputs or here == out_id or any(e.name == MANIFEST for e in entries)
+        for entry in entries:
+            if entry.is_dir():  # links followed, as for files
+                walk(Path(entry.path), ancestors | {here}, in_outputs)
+            elif (
+                entry.is_file()
+                and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+                and not (in_outputs and entry.name.endswith(PREVIEW_SUFFIX))
+            ):
+                found.append(Path(entry.path))
+
+    walk(folder, frozenset(), False)
+    return found
+
+
+def _folder_id(path: Path) -> tuple[int, int] | None:
     try:
-        return out.resolve().relative_to(folder.resolve()).parts
-    except ValueError:
+        st = path.stat()
+    except OSError:
         return None
+    return (st.st_dev, st.st_ino)
 
 
 def plural(n: int, word: str) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,6 +113,35 @@ def test_input_errors(tmp_path, folder, capsys):
         find_images([folder, tmp_path / "a.jpg"])
     assert _encode("--model", tmp_path / "nowhere", "--out", tmp_path / "o", folder) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_folders_are_searched_through_links_and_outputs_of_other_runs_left_out(folder, tmp_path):
+    elsewhere = tmp_path / "disk2" / "2023"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "e.png").write_bytes((folder / "a.png").read_bytes())
+    (folder / "2023").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(folder, target_is_directory=True)  # back to a folder it lies in
+    other_run = folder / "feats_other"  # another run's output, previews and all
+    (other_run / "sub").mkdir(parents=True)
+    (other_run / "packvit-encode.json").write_text("{}")
+    (other_run / "sub" / "a.pca.png").write_bytes((folder / "a.png").read_bytes())
+    (folder / "mine.pca.png").write_bytes((folder / "a.png").read_bytes())  # a user's image, named so
+    names = sorted(item.name for item in find_images([folder], out=tmp_path / "feats"))
+    assert names == ["2023/e", "a", "broken", "c", "mine.pca", "sub/b", "sub/deeper/d"]
+
+
+def test_a_folder_that_cannot_be_listed_stops_the_search(folder, monkeypatch):
+    # As an unreadable folder does for a user who is not root (root lists every folder).
+    scandir = os.scandir
+
+    def refused(path):
+        if Path(path).name == "deeper":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    with pytest.raises(ValueError, match=r"deeper: cannot list this folder \(Permission denied"):
+        find_images([folder])
 
 
 def test_graphs_need_a_cuda_device(tiny_reference, folder, tmp_path, capsys):
