@@ -252,6 +252,35 @@ def path_text(path: str | os.PathLike) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+# The first and last bytes of an input stand for its content in a record: tar headers name the first member and
+# carry its time, a parquet footer its schema and statistics, and most images are whole within them. Enough to
+# tell another dataset's 00000.tar of the same size (tar files are padded to 10 KiB, so equal sizes are common)
+# or another image of the same name, at two small reads an input.
+ENDS_BYTES = 16384
+
+
+def ends_digest(path: Path) -> str | None:
+    """sha256 of ``path``'s first and last ``ENDS_BYTES`` bytes; ``None`` if it cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(ENDS_BYTES)
+            file.seek(max(os.fstat(file.fileno()).st_size - ENDS_BYTES, 0))
+            tail = file.read(ENDS_BYTES)
+    except OSError:
+        return None
+    return hashlib.sha256(head + tail).hexdigest()
+
+
+def source_id(path: Path) -> str | None:
+    """An image file's size and :func:`ends_digest`: what an output records of the image it was made from."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    digest = ends_digest(path)
+    return None if digest is None else f"{size}:{digest}"
+
+
 def feature_keys(layers: list[int] | None) -> list[str]:
     return ["features"] if not layers or len(layers) == 1 else [f"features.{i}" for i in layers]
 
@@ -310,13 +339,34 @@ def part_names(metadata: dict[str, str]) -> list[str]:
     return names
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except (OSError, SafetensorError):
+        return {}
+
+
+def _listed(metadata: dict[str, str], key: str, count: int) -> list[str | None]:
+    """A JSON list of ``count`` entries in ``metadata``; ``None`` for each where it is missing or malformed
+    (parts written by earlier versions have no source ids)."""
+    try:
+        values = json.loads(metadata[key])
+    except (KeyError, ValueError):
+        return [None] * count
+    if not isinstance(values, list) or len(values) != count:
+        return [None] * count
+    return [v if isinstance(v, str) else None for v in values]
+
+
 class _Writer:
     """Where features go, and which images earlier runs wrote completely."""
 
     def __init__(self, out: Path, packed: bool, keys: set[str], say: Callable[[str], None]) -> None:
         self.out, self.packed, self.keys, self.say = out, packed, keys, say
         self.next_part = 0
-        self.done: set[str] = set()
+        self.done: dict[str, tuple[str | None, str | None]] = {}  # packed: name -> its source and source id
+        self.changed: list[Item] = []  # packed: images changed since their part was written
         if packed:
             self._scan_parts()
 
@@ -328,7 +378,10 @@ class _Writer:
             self.next_part = max(self.next_part, int(number) + 1)
             try:
                 # path_text: earlier versions stored a name that is not UTF-8 with its bytes as surrogates
-                self.done.update(map(path_text, read_output(part, self.keys, packed=True)))
+                names = list(map(path_text, read_output(part, self.keys, packed=True)))
+                metadata = _metadata(part)
+                sources, ids = (_listed(metadata, key, len(names)) for key in ("sources", "source_ids"))
+                self.done.update(zip(names, zip(sources, ids, strict=True), strict=True))
             except OtherSettings as e:  # a concurrent run's with other settings, or not ours: never moved
                 what = (
                     "it was written with other settings"
@@ -343,8 +396,17 @@ class _Writer:
                 )
 
     def written(self, item: Item) -> bool:
+        """Whether ``item`` is encoded already: its output is whole and was made from this image. One made from
+        an earlier version of the same file is redone (packed: listed in ``changed``); one made from another
+        image of the same name is a ``Fatal`` clash, never replaced."""
         if self.packed:
-            return item.name in self.done
+            if item.name not in self.done:
+                return False
+            source, recorded = self.done[item.name]
+            if self._same_image(item, source, recorded, self.out):
+                return True
+            self.changed.append(item)
+            return True
         path = self.out / f"{item.name}.safetensors"
         if not path.is_file():
             return False
@@ -364,7 +426,27 @@ class _Writer:
                 f"packvit encode: {path} is damaged ({e}); moved to {aside.name}, encoding {item.path} again"
             )
             return False
-        return True
+        metadata = _metadata(path)
+        if self._same_image(item, metadata.get("source"), metadata.get("source_id"), path):
+            return True
+        self.say(f"packvit encode: {item.path} changed since {path.name} was made from it; encoding it again")
+        (self.out / f"{item.name}{PREVIEW_SUFFIX}").unlink(missing_ok=True)  # the old image's picture
+        return False
+
+    def _same_image(self, item: Item, source: str | None, recorded: str | None, where: Path) -> bool:
+        """Whether the output in ``where`` recording ``source`` and ``recorded`` (its source id) was made from
+        ``item``'s file as it is now; ``False`` if from an earlier version of it; ``Fatal`` if from another
+        image (another folder's image of the same name, encoded into the same ``--out``)."""
+        if not recorded:  # written by an earlier version, which recorded no source id
+            return True
+        if source_id(item.path) == recorded:
+            return True  # the image, or a copy of it moved elsewhere
+        if source == path_text(item.path):
+            return False
+        raise Fatal(
+            f"{where} holds the features of {source}, a different image stored under the name {item.name!r}; "
+            f"{item.path} would replace them: encode it into another --out"
+        )
 
     def write(
         self, items: list[Item], grids: Tensor, outputs: dict[str, tuple[Tensor, Tensor | None]]
@@ -378,7 +460,8 @@ class _Writer:
                     tensors[key.replace("features", "prefix", 1)] = prefix
             meta = {
                 "names": json.dumps([i.name for i in items]),
-                "sources": json.dumps([str(i.path) for i in items]),
+                "sources": json.dumps([path_text(i.path) for i in items]),
+                "source_ids": json.dumps([source_id(i.path) for i in items]),
             }
             self._claim_part(tensors, meta)
             return
@@ -396,7 +479,9 @@ class _Writer:
             except OSError as e:
                 raise Fatal(f"cannot create folder {path.parent}: {reason(e)}; {KEPT}") from None
             # Replacing is safe: another run writing this name writes the same image with the same model.
-            save_tensors(path, tensors, {"source": path_text(item.path)})
+            save_tensors(
+                path, tensors, {"source": path_text(item.path), "source_id": source_id(item.path) or ""}
+            )
             start += n
 
     def _claim_part(self, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
@@ -1059,6 +1144,13 @@ def _encode_files(args: argparse.Namespace) -> int:
             f"packvit encode: note: {plural(unpictured, 'image')} encoded earlier without --preview "
             f"{'has' if unpictured == 1 else 'have'} no preview: packed parts are never rewritten, so encode "
             "into a new --out to picture them"
+        )
+    if writer.changed:
+        shown = ", ".join(str(item.path) for item in writer.changed[:3])
+        say(
+            f"packvit encode: note: {plural(len(writer.changed), 'image')} changed since encoded into packed "
+            f"parts ({shown}{', ...' if len(writer.changed) > 3 else ''}), which are never rewritten: their "
+            "features are of the earlier files; encode into a new --out to redo them"
         )
     # Loaded even when nothing is left, so that a rerun with another model is refused, not reported as done.
     model, sha256 = load_model_or_fail(args, device)

@@ -51,7 +51,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import secrets
 import tarfile
@@ -83,6 +82,7 @@ from .cli import (
     capture_graphs,
     check_device,
     check_manifest,
+    ends_digest,
     expected_keys,
     gpu_decoder,
     load_model_or_fail,
@@ -652,24 +652,6 @@ def _record(
         "errors": [entry for _, entry in sorted(result.errors, key=lambda e: e[0])],
         "tokens": tokens,
     }
-
-
-# The first and last bytes of an input stand for its content in a record: tar headers name the first member and
-# carry its time, a parquet footer its schema and statistics. Enough to tell another dataset's 00000.tar of the
-# same size (tar files are padded to 10 KiB, so equal sizes are common), at two small reads a finished shard.
-ENDS_BYTES = 16384
-
-
-def ends_digest(path: Path) -> str | None:
-    """sha256 of ``path``'s first and last ``ENDS_BYTES`` bytes; ``None`` if it cannot be read."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(ENDS_BYTES)
-            file.seek(max(os.fstat(file.fileno()).st_size - ENDS_BYTES, 0))
-            tail = file.read(ENDS_BYTES)
-    except OSError:
-        return None
-    return hashlib.sha256(head + tail).hexdigest()
 
 
 def _size(path: Path) -> int | None:

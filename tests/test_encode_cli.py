@@ -290,6 +290,42 @@ def test_an_image_named_near_the_file_name_limit_is_stored_under_a_shortened_nam
     assert "skipping 2 of 2 images" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("layout", ["files", "packed"])
+def test_a_changed_image_or_another_of_the_same_name_is_not_taken_for_the_encoded_one(
+    tiny_reference, tmp_path, capsys, layout
+):
+    src, out = tiny_reference("dinov3", "gelu"), tmp_path / "out"
+    fmt = ["--format", "packed"] if layout == "packed" else []
+    day1, day2, moved = tmp_path / "day1", tmp_path / "day2", tmp_path / "moved"
+    for folder, value in ((day1, 90), (day2, 30)):
+        folder.mkdir()
+        Image.fromarray(np.full((20, 28, 3), value, np.uint8)).save(folder / "IMG_1.png")
+    assert _encode("--model", src, "--out", out, day1, *fmt) == 0
+    before = sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors"))
+    capsys.readouterr()
+    assert _encode("--model", src, "--out", out, day2, *fmt) == 2  # another image of that name: refused
+    err = capsys.readouterr().err
+    assert (
+        f"holds the features of {day1 / 'IMG_1.png'}, a different image stored under the name 'IMG_1'" in err
+    )
+    assert sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors")) == before
+    moved.mkdir()
+    (moved / "IMG_1.png").write_bytes((day1 / "IMG_1.png").read_bytes())  # a copy elsewhere: done
+    assert _encode("--model", src, "--out", out, moved, *fmt) == 0
+    assert "skipping 1 of 1 image" in capsys.readouterr().err
+    Image.fromarray(np.full((24, 28, 3), 200, np.uint8)).save(
+        day1 / "IMG_1.png"
+    )  # replaced by another picture
+    assert _encode("--model", src, "--out", out, day1, *fmt) == 0
+    err = capsys.readouterr().err
+    if layout == "files":
+        assert "IMG_1.png changed since IMG_1.safetensors was made from it; encoding it again" in err
+        assert load_file(out / "IMG_1.safetensors")["grid_thw"].tolist() == [[1, 6, 7]]  # 24 x 28 px, was 20 x 28
+    else:  # parts are never rewritten: the change is reported
+        assert "1 image changed since encoded into packed parts" in err
+        assert sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors")) == before
+
+
 def test_a_file_of_someone_elses_named_like_an_output_is_never_replaced(tiny_reference, tmp_path, capsys):
     """Encoding a folder into itself: model.png beside model.safetensors (a model's weights, say)."""
     images = tmp_path / "images"
