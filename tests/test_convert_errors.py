@@ -163,6 +163,29 @@ def test_two_pickles_are_refused_clearly(broken, tmp_path, capsys):
     assert "has no weights" not in err
 
 
+def test_weight_files_are_chosen_in_transformers_order(broken, tiny_reference):
+    """model.safetensors before a shard index that an earlier sharded save left beside it, and
+    pytorch_model.bin beside a Trainer's training_args.bin: the weights transformers loads."""
+    reference = pv.from_pretrained(tiny_reference("dinov3", "gelu")).state_dict()
+
+    def stale_index(d: Path) -> None:
+        state = load_file(d / "model.safetensors")
+        save_file({k: v + 1 for k, v in state.items()}, d / "model-00001-of-00001.safetensors")
+        index = {"weight_map": dict.fromkeys(state, "model-00001-of-00001.safetensors")}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    def trainer_folder(d: Path) -> None:
+        torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+        (d / "model.safetensors").unlink()
+        torch.save({"lr": 1e-4}, d / "training_args.bin")
+        torch.save({"state": {}}, d / "optimizer.pt")
+
+    for name, edit in (("stale_index", stale_index), ("trainer", trainer_folder)):
+        got = pv.from_pretrained(broken(edit, name)).state_dict()
+        assert got.keys() == reference.keys()
+        assert all(torch.equal(got[k], reference[k]) for k in got), name
+
+
 def test_nan_eps_never_converts(broken):
     src = broken(_config_edit(layer_norm_eps=float("nan")))
     with pytest.raises(pv.CheckpointError, match="layer_norm_eps = nan"):

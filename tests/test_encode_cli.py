@@ -320,7 +320,8 @@ def test_a_changed_image_or_another_of_the_same_name_is_not_taken_for_the_encode
     err = capsys.readouterr().err
     if layout == "files":
         assert "IMG_1.png changed since IMG_1.safetensors was made from it; encoding it again" in err
-        assert load_file(out / "IMG_1.safetensors")["grid_thw"].tolist() == [[1, 6, 7]]  # 24 x 28 px, was 20 x 28
+        grid = load_file(out / "IMG_1.safetensors")["grid_thw"]
+        assert grid.tolist() == [[1, 6, 7]]  # 24 x 28 px, where it was 20 x 28
     else:  # parts are never rewritten: the change is reported
         assert "1 image changed since encoded into packed parts" in err
         assert sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors")) == before

@@ -201,6 +201,12 @@ def _load_pickle(file: Path, select: KeySelector | None) -> tuple[dict[str, torc
     return {k: state[k] for k in state if k in wanted}, sorted(set(state) - wanted)
 
 
+# What transformers' Trainer saves beside the weights of a checkpoint folder: never weights.
+TRAINING_STATE = re.compile(
+    r"training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth"
+)
+
+
 def load_state_dict(
     path: Path, select: KeySelector | None = None, fetch: Callable[[list[str]], Path] | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -210,7 +216,9 @@ def load_state_dict(
     or one foreign ``.bin`` / ``.pth`` / ``.pt`` pickle. ``fetch`` (a hub checkpoint's) downloads weight files
     by name first: of a sharded checkpoint only the shards that hold selected tensors.
     """
-    indexes = sorted(path.glob("*.safetensors.index.json"))
+    # transformers' order: model.safetensors before an index, which its save_pretrained leaves behind when a
+    # sharded checkpoint is saved again unsharded into the same folder (and the other way round).
+    indexes = [] if (path / "model.safetensors").is_file() else sorted(path.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         raise ConversionError(f"{path} holds several shard indexes: {[i.name for i in indexes]}")
     if indexes:
@@ -228,7 +236,13 @@ def load_state_dict(
         keys = _safetensors_keys(files[0])
         wanted = set(keys) if select is None else select(keys)
         return _read_safetensors(files[0], [k for k in keys if k in wanted]), sorted(set(keys) - wanted)
-    pickles = sorted([*path.glob("*.bin"), *path.glob("*.pth"), *path.glob("*.pt")])
+    pickles = sorted(
+        p
+        for p in [*path.glob("*.bin"), *path.glob("*.pth"), *path.glob("*.pt")]
+        if not TRAINING_STATE.fullmatch(p.name)
+    )
+    if (path / "pytorch_model.bin").is_file():  # transformers' name for its weights
+        pickles = [path / "pytorch_model.bin"]
     if len(pickles) > 1:
         raise ConversionError(
             f"{path} holds several weight pickles ({[p.name for p in pickles]}) and no index; "
