@@ -13,7 +13,12 @@ from .errors import CheckpointError
 
 __all__ = ["CONFIG_PATTERNS", "HUB_PATTERNS", "is_local", "locate"]
 
-CONFIG_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors.index.json"]
+CONFIG_PATTERNS = [
+    "config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "*.safetensors.index.json",
+]
 HUB_PATTERNS = [*CONFIG_PATTERNS, "*.safetensors"]
 
 

@@ -121,6 +121,40 @@ def test_preprocessing_matches_clip_processor_on_square_images(tiny_reference):
             assert gh * gw <= 64 and abs(gh / gw - h / w) < 0.3
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.9, 0.8, 0.7]},
+        {"do_normalize": False},
+        {"do_rescale": False, "image_mean": [120.0, 110.0, 100.0], "image_std": [60.0, 50.0, 40.0]},
+        {"rescale_factor": 1 / 127.5, "image_mean": [1.0, 1.0, 1.0], "image_std": [1.0, 1.0, 1.0]},
+    ],
+    ids=["stats", "no-normalize", "no-rescale", "rescale-factor"],
+)
+@pytest.mark.parametrize("saved_by", ["processor", "image-processor"])
+def test_the_image_processor_settings_of_a_checkpoint_are_kept(tiny_reference, tmp_path, settings, saved_by):
+    """As transformers reads them: the image processor nested in processor_config.json (what a Processor's
+    save_pretrained writes), else preprocessor_config.json; normalisation off, rescaling off, another factor."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_reference("clip", "default"), src)
+    processor = transformers.CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, **settings
+    )
+    if saved_by == "processor":
+        (src / "processor_config.json").write_text(json.dumps({"image_processor": processor.to_dict()}))
+        (src / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.0] * 3}))  # not read
+    else:
+        processor.save_pretrained(src)
+    reloaded = transformers.CLIPImageProcessorPil.from_pretrained(src)
+    model = pv.from_pretrained(src, attn_backend="sdpa")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    ref = reloaded(images=[image], return_tensors="pt")["pixel_values"][0]
+    patches, grid = pv.preprocess(image, model)
+    torch.testing.assert_close(
+        pv.unpatchify(patches, grid, 4)[0].reshape(ref.shape), ref, rtol=1e-5, atol=1e-4
+    )
+
+
 def _bad_copy(src, dst, edit_state=None, edit_config=None):
     dst.mkdir()
     cfg = json.loads((src / "config.json").read_text())

@@ -91,6 +91,12 @@ def _check_image_stats(path: Path, preprocessor: dict[str, Any]) -> None:
     mean, std = preprocessor.get("image_mean"), preprocessor.get("image_std")
     if mean is not None and std is not None and len(mean) != len(std):
         raise ConversionError(f"{path}: image_mean has {len(mean)} values but image_std {len(std)}")
+    factor = preprocessor.get("rescale_factor")
+    if factor is not None and not (_is_finite_number(factor) and factor > 0):
+        raise ConversionError(f"{path}: rescale_factor = {factor!r} is not a positive number")
+    for flag in ("do_normalize", "do_rescale"):
+        if not isinstance(preprocessor.get(flag, True), bool):
+            raise ConversionError(f"{path}: {flag} = {preprocessor[flag]!r} is not true or false")
 
 
 def _check_numbers(path: Path, config: dict[str, Any]) -> None:
@@ -106,18 +112,29 @@ def _check_numbers(path: Path, config: dict[str, Any]) -> None:
                 raise ConversionError(f"{path}: {prefix}{key} = {value!r} is not a finite number")
 
 
+def _present(path: Path) -> bool:
+    """A file there, or a link (a dangling one is reported when read, naming it)."""
+    return path.exists() or path.is_symlink()
+
+
 def read_checkpoint(src: str | os.PathLike) -> Checkpoint:
     """A checkpoint's directory and configs. For a hub id only the configs are fetched here; weights are
     fetched file by file as a converter asks for them (a vision tower's shards, not a language model's)."""
     path = locate(src, CONFIG_PATTERNS)
     fetch = None if is_local(src) else functools.partial(locate, src)
     config_path = path / "config.json"
-    if not config_path.exists() and not config_path.is_symlink():
+    if not _present(config_path):
         raise ConversionError(f"{path} has no config.json")
-    pre = path / "preprocessor_config.json"
-    preprocessor = None
-    if pre.exists() or pre.is_symlink():
+    # transformers' order: the image processor nested in processor_config.json (what its Processor.save_pretrained
+    # writes since version 5), else preprocessor_config.json.
+    preprocessor, pre = None, path / "processor_config.json"
+    if _present(pre):
+        nested = _read_json_object(pre, "processor config").get("image_processor")
+        preprocessor = nested if isinstance(nested, dict) else None
+    if preprocessor is None and _present(path / "preprocessor_config.json"):
+        pre = path / "preprocessor_config.json"
         preprocessor = _read_json_object(pre, "preprocessor config")
+    if preprocessor is not None:
         _check_image_stats(pre, preprocessor)
     config = _read_json_object(config_path, "config")
     _check_numbers(config_path, config)

@@ -89,11 +89,26 @@ def square(value: Any, key: str) -> int:
 def image_stats(
     preprocessor: dict[str, Any] | None, default: tuple[tuple[float, ...], tuple[float, ...]]
 ) -> dict[str, tuple[float, ...]]:
-    """The normalisation mean/std from a checkpoint's preprocessor config, else the family's published one."""
+    """The normalisation mean/std from a checkpoint's preprocessor config, else the family's published one.
+
+    Our preprocessing computes ``(pixel / 255 - mean) / std``; the image processor's ``(pixel * rescale_factor
+    - mean) / std`` (``do_rescale`` false: factor 1; ``do_normalize`` false: mean 0, std 1) is the same with
+    mean and std divided by ``255 * rescale_factor``, so every setting is kept exactly."""
     mean, std = default
-    if preprocessor:
-        mean = tuple(float(v) for v in preprocessor.get("image_mean", mean))
-        std = tuple(float(v) for v in preprocessor.get("image_std", std))
+    if not preprocessor:
+        return {"image_mean": mean, "image_std": std}
+    mean = tuple(float(v) for v in preprocessor.get("image_mean", mean))
+    std = tuple(float(v) for v in preprocessor.get("image_std", std))
+    if preprocessor.get("do_normalize") is False:
+        mean, std = (0.0,) * len(mean), (1.0,) * len(std)
+    factor = (
+        float(preprocessor.get("rescale_factor", 1 / 255))
+        if preprocessor.get("do_rescale") is not False
+        else 1.0
+    )
+    scale = 255 * factor
+    if scale != 1.0:
+        mean, std = tuple(m / scale for m in mean), tuple(s / scale for s in std)
     return {"image_mean": mean, "image_std": std}
 
 
