@@ -59,6 +59,12 @@ def _config_edit(**changes):
     return edit
 
 
+def _retyped(d: Path, key: str, dtype: torch.dtype) -> None:
+    state = load_file(_weights(d))
+    state[key] = state[key].to(dtype)
+    save_file(state, _weights(d))
+
+
 def _header_claiming(n: int) -> bytes:
     return struct.pack("<Q", n) + b"{}"
 
@@ -85,7 +91,17 @@ BROKEN_SOURCES = [
     ("mean-text", lambda d: (d / "preprocessor_config.json").write_text('{"image_mean": "imagenet"}'), "preprocessor_config.json", "image_mean = 'imagenet' is not a list of finite numbers"),
     ("std-zero", lambda d: (d / "preprocessor_config.json").write_text('{"image_std": [0.2, 0.0, 0.2]}'), "preprocessor_config.json", "image_std = [0.2, 0.0, 0.2] is not a list of positive numbers"),
     ("mean-nan", lambda d: (d / "preprocessor_config.json").write_text('{"image_mean": [0.5, NaN, 0.5]}'), "preprocessor_config.json", "is not a list of finite numbers"),
+    ("rescale-zero", lambda d: (d / "preprocessor_config.json").write_text('{"rescale_factor": 0}'), "preprocessor_config.json", "rescale_factor = 0 is not a positive number"),
+    ("int8-weight", lambda d: _retyped(d, "layer.0.attention.q_proj.weight", torch.int8), "", "layer.0.attention.q_proj.weight is torch.int8: only float32, bfloat16, float16 and float64 weights are converted"),
+    ("fp8-weight", lambda d: _retyped(d, "embeddings.patch_embeddings.weight", torch.float8_e4m3fn), "", "embeddings.patch_embeddings.weight is torch.float8_e4m3fn"),
 ]  # fmt: skip
+
+
+def test_a_checkpoint_of_mixed_dtypes_loads_in_its_main_one(broken):
+    src = broken(lambda d: _retyped(d, "layer.0.attention.q_proj.weight", torch.bfloat16))
+    model = pv.from_pretrained(src)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model(*model.patchify([torch.rand(3, 16, 24)]))  # one dtype: the forward runs
 
 
 @pytest.fixture

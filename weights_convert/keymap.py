@@ -22,6 +22,7 @@ from .errors import ConversionError
 __all__ = ["DROP", "Converted", "check_against_model", "rename"]
 
 DROP = None  # table value: a source key we know and discard
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _listing(keys: list[str], limit: int = 8) -> str:
@@ -119,6 +120,11 @@ def rename(state: dict[str, Tensor], table: dict[str, str | None]) -> Converted:
     out = Converted()
     for key, tensor in state.items():
         target = table[key]
+        if target is not DROP and tensor.dtype not in WEIGHT_DTYPES:  # before fusing promotes it unnoticed
+            raise ConversionError(
+                f"{key} is {tensor.dtype}: only float32, bfloat16, float16 and float64 weights are converted "
+                "(quantized checkpoints are not; convert the unquantized release)"
+            )
         if target is DROP:
             out.dropped.append(key)
         else:
@@ -147,4 +153,13 @@ def check_against_model(config: EncoderConfig, converted: Converted) -> dict[str
             raise ConversionError(
                 f"{' + '.join(converted.sources[key])} is {have[key].dtype}, not floating point"
             )
-    return {k: v.contiguous() for k, v in have.items()}
+    return {k: v.to(_common_dtype(have)).contiguous() for k, v in have.items()}
+
+
+def _common_dtype(tensors: dict[str, Tensor]) -> torch.dtype:
+    """The dtype holding most of the elements: a checkpoint that mixes dtypes (a few fp32 tensors in a bf16
+    release) is loaded in one, as transformers loads it in its config's dtype, since a forward needs one."""
+    counts: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.__getitem__)
