@@ -65,6 +65,12 @@ def _retyped(d: Path, key: str, dtype: torch.dtype) -> None:
     save_file(state, _weights(d))
 
 
+def _reshaped(d: Path, key: str, edit) -> None:
+    state = load_file(_weights(d))
+    state[key] = edit(state[key]).clone()
+    save_file(state, _weights(d))
+
+
 def _header_claiming(n: int) -> bytes:
     return struct.pack("<Q", n) + b"{}"
 
@@ -94,6 +100,8 @@ BROKEN_SOURCES = [
     ("rescale-zero", lambda d: (d / "preprocessor_config.json").write_text('{"rescale_factor": 0}'), "preprocessor_config.json", "rescale_factor = 0 is not a positive number"),
     ("int8-weight", lambda d: _retyped(d, "layer.0.attention.q_proj.weight", torch.int8), "", "layer.0.attention.q_proj.weight is torch.int8: only float32, bfloat16, float16 and float64 weights are converted"),
     ("fp8-weight", lambda d: _retyped(d, "embeddings.patch_embeddings.weight", torch.float8_e4m3fn), "", "embeddings.patch_embeddings.weight is torch.float8_e4m3fn"),
+    ("scalar-token", lambda d: _reshaped(d, "embeddings.cls_token", lambda t: t.flatten()[0]), "", "embeddings.cls_token has shape (): a weight cannot be empty or a scalar"),
+    ("empty-bias", lambda d: _reshaped(d, "layer.0.attention.q_proj.bias", lambda t: t[:0]), "", "layer.0.attention.q_proj.bias has shape (0,)"),
 ]  # fmt: skip
 
 

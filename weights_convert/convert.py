@@ -84,7 +84,12 @@ def convert_loaded(
         raise
     except ValueError as e:  # EncoderConfig.validate refused the values
         raise ConversionError(f"config.json describes an invalid {fam.NAME} model: {e}") from None
-    converted = fam.convert_state_dict(state, hf_config, config)
+    try:
+        converted = fam.convert_state_dict(state, hf_config, config)
+    except (IndexError, RuntimeError) as e:  # a reshape or concatenation of a tensor of some other layout
+        raise ConversionError(
+            f"its tensors do not have the layout of a {fam.NAME} checkpoint ({type(e).__name__}: {e})"
+        ) from None
     return config, check_against_model(config, converted), sorted([*converted.dropped, *skipped])
 
 

@@ -125,6 +125,10 @@ def rename(state: dict[str, Tensor], table: dict[str, str | None]) -> Converted:
                 f"{key} is {tensor.dtype}: only float32, bfloat16, float16 and float64 weights are converted "
                 "(quantized checkpoints are not; convert the unquantized release)"
             )
+        if target is not DROP and (tensor.ndim == 0 or tensor.numel() == 0):  # no weight of ours is either
+            raise ConversionError(
+                f"{key} has shape {tuple(tensor.shape)}: a weight cannot be empty or a scalar"
+            )
         if target is DROP:
             out.dropped.append(key)
         else:
