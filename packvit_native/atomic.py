@@ -289,12 +289,14 @@ def _ctrl_c_deferred(message: str):
 
 
 def check_placeable(out: Path) -> None:
-    """Raise ``OSError`` naming the reason where no folder can be put at ``out``: a part of its path is a file,
-    ``out`` is a mount point (which a rename cannot move aside), is named ``.`` or ``..``, or is a symbolic link
+    """Raise ``OSError`` naming the reason where no folder can be put at ``out``: a part of its path is a file
+    or a dangling link, ``out`` is a mount point (which a rename cannot move aside), is named ``.`` or ``..``, or is a symbolic link
     to something other than a folder."""
     for parent in reversed(out.parents):
         if parent.exists() and not parent.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"{parent} is a file, not a folder", str(out))
+        if parent.is_symlink() and not parent.exists():
+            raise NotADirectoryError(errno.ENOTDIR, f"{parent} is a link to nothing, not a folder", str(out))
     if os.path.ismount(out):
         raise OSError(
             errno.EBUSY,

@@ -472,7 +472,7 @@ def test_force_replaces_a_checkpoint_and_an_empty_folder(broken, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
-@pytest.mark.parametrize("out", ["dangling", ".", "sub/.."])
+@pytest.mark.parametrize("out", ["dangling", "dangling/sub", ".", "sub/.."])
 def test_out_no_folder_can_be_put_at_is_refused_before_converting(broken, tmp_path, capsys, monkeypatch, out):
     import weights_convert.cli as cli
 
@@ -486,6 +486,7 @@ def test_out_no_folder_can_be_put_at_is_refused_before_converting(broken, tmp_pa
     assert convert_cli([str(src), out, "--force"]) == 2
     reason = {
         "dangling": f"it is a symbolic link to {work / 'nowhere'}, which is not a folder",
+        "dangling/sub": "dangling is a link to nothing, not a folder",
         ".": "name the folder by its own name, not '.' or '..'",
         "sub/..": "name the folder by its own name, not '.' or '..'",
     }[out]
