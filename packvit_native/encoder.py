@@ -268,9 +268,15 @@ class PackedVisionEncoder(nn.Module):
             self._packings.popitem(last=False)
         return packing
 
-    def save_pretrained(self, out_dir: str | Path, force: bool = False) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (atomically) for :func:`from_pretrained`."""
-        return save_native(out_dir, self.config, self.state_dict(), force=force)
+    def save_pretrained(
+        self, out_dir: str | Path, force: bool = False, state_dict: dict[str, Tensor] | None = None
+    ) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (atomically) for :func:`from_pretrained`.
+
+        ``state_dict``: the weights to write instead of this model's own, e.g. the full state gathered from an
+        FSDP2-sharded copy of it (whose own state holds only this rank's shards)."""
+        state = self.state_dict() if state_dict is None else state_dict
+        return save_native(out_dir, self.config, state, force=force)
 
     def forward(
         self,

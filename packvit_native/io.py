@@ -117,6 +117,14 @@ def _not_replaceable_or_write_error(out: Path) -> str | None:
         raise CheckpointWriteError(f"{out}: cannot read the folder to replace: {e.strerror or e}") from None
 
 
+def _is_shard(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def save_native(
     out_dir: str | Path, config: EncoderConfig, state: dict[str, Tensor], force: bool = False
 ) -> Path:
@@ -127,7 +135,8 @@ def save_native(
     checkpoint, or the complete new one. An existing ``out_dir`` is replaced only with ``force``.
 
     Raises:
-        ValueError: ``state`` holds FP8 weights (a model loaded with ``precision="fp8"``).
+        ValueError: ``state`` holds FP8 weights (a model loaded with ``precision="fp8"``), or shards of weights
+            (FSDP2 ``DTensor``s) rather than whole ones.
         FileExistsError: ``out_dir`` exists and ``force`` is not set, or it holds something other than a
             packvit checkpoint (see :func:`not_replaceable`).
         CheckpointWriteError: ``out_dir`` cannot be written (no permission, disk full, ...): a
@@ -135,6 +144,14 @@ def save_native(
             the failure happened in.
     """
     out = Path(out_dir).expanduser()
+    sharded = [k for k, v in state.items() if _is_shard(v)]
+    if sharded:
+        raise ValueError(
+            f"cannot save {out}: this model's weights are sharded across ranks ({sharded[0]}, ...: FSDP2); "
+            "gather them on every rank with torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True, cpu_offload=True)), then on rank 0 call "
+            "model.save_pretrained(out, state_dict=that)"
+        )
     fp8 = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
     if fp8:
         # FP8 is a way of running a checkpoint, chosen at load time; the format holds the weights it ran from.

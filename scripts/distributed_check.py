@@ -18,10 +18,13 @@ import copy
 import gc
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -133,7 +136,38 @@ def run(mode: str, base: pv.PackedVisionEncoder, args, device, dtype) -> tuple[b
     )
     ok &= param_err <= tol
     lines.append(f"{mode:>4} after {args.steps} steps: max rel parameter err {param_err:.1e}")
+    if mode == "fsdp":
+        save_ok, line = check_save(model, reference, tol)
+        ok &= save_ok
+        lines.append(line)
     return ok, lines
+
+
+def check_save(
+    model: pv.PackedVisionEncoder, reference: pv.PackedVisionEncoder, tol: float
+) -> tuple[bool, str]:
+    """A sharded model's save_pretrained refuses with the recipe; the recipe (the full state gathered on every
+    rank, saved on rank 0) writes the trained weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            model.save_pretrained(Path(tmp) / f"shards-{dist.get_rank()}")
+            refused = False
+        except ValueError as e:
+            refused = "sharded across ranks" in str(e)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)  # every rank; only rank 0 receives it
+        err = 0.0
+        if dist.get_rank() == 0:
+            saved = pv.from_pretrained(model.save_pretrained(Path(tmp) / "full", state_dict=state))
+            expected = reference.state_dict()
+            err = max(
+                rel_err(v.float(), expected[k].detach().float().cpu()) for k, v in saved.state_dict().items()
+            )
+    ok = refused and err <= tol
+    return (
+        ok,
+        f"fsdp save_pretrained refused on the shards: {refused}; gathered and saved: max rel err {err:.1e}",
+    )
 
 
 def main() -> int:

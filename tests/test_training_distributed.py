@@ -21,3 +21,6 @@ def test_distributed_check_passes_on_two_cpu_processes():
     lines = done.stdout.splitlines()
     assert lines[-1].startswith("PASS")
     assert sum(" step " in line and line.endswith(" ok") for line in lines) == 4  # 2 steps x (DDP, FSDP2)
+    assert any(
+        line.startswith("fsdp save_pretrained refused on the shards: True; gathered") for line in lines
+    )
