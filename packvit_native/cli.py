@@ -653,12 +653,12 @@ def prepare_out(out: Path, say: Callable[[str], None]) -> None:
 def load_state(src: str) -> tuple[Any, dict[str, Tensor], str]:
     """Read ``--model`` as :func:`~packvit_native.from_pretrained` does: ``(config, tensors, sha256)``, the
     fingerprint taken on the tensors as read (before any cast), so the weights are read once."""
-    from .hub import CONFIG_PATTERNS, locate
+    from .hub import CONFIG_PATTERNS, locate, snapshot_of
     from .io import is_native_dir, load_native
 
     path = locate(src, CONFIG_PATTERNS)  # a hub id: the configs first, to learn what else to fetch
     if is_native_dir(path):
-        config, state = load_native(locate(src))
+        config, state = load_native(snapshot_of(src, path)())
     else:
         from weights_convert.convert import convert_checkpoint
 

@@ -6,12 +6,14 @@ safetensors are fetched; nothing that looks like a local path is ever looked up 
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import CheckpointError
 
-__all__ = ["CONFIG_PATTERNS", "HUB_PATTERNS", "is_local", "locate"]
+__all__ = ["CONFIG_PATTERNS", "HUB_PATTERNS", "is_local", "locate", "snapshot_of"]
 
 CONFIG_PATTERNS = [
     "config.json",
@@ -35,13 +37,14 @@ def is_local(src: str | os.PathLike) -> bool:
     return not isinstance(src, str) or Path(src).expanduser().exists() or _looks_like_path(src)
 
 
-def locate(src: str | os.PathLike, patterns: list[str] | None = None) -> Path:
+def locate(src: str | os.PathLike, patterns: list[str] | None = None, revision: str | None = None) -> Path:
     """The directory of checkpoint ``src``: a local directory, or a hub id's snapshot in the local cache.
 
     Args:
         src: a local directory or a hub id.
         patterns: for a hub id, the files to fetch (default: configs and every safetensors file); fetching more
             later adds them to the same snapshot.
+        revision: for a hub id, the commit to fetch (default: the latest); see :func:`snapshot_of`.
 
     Raises:
         CheckpointError: ``src`` is a file, a missing local path, or a hub id that cannot be fetched.
@@ -54,14 +57,32 @@ def locate(src: str | os.PathLike, patterns: list[str] | None = None) -> Path:
     text = os.fspath(src)
     if not isinstance(src, str) or _looks_like_path(text):  # a Path object is never a hub id
         raise CheckpointError(f"{text}: no such directory (a hub id has the form org/name)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return Path(snapshot_download(text, allow_patterns=patterns or HUB_PATTERNS))
+        # Offline, huggingface_hub (1.33) still asks the hub for the file list of a commit named by its hash
+        # and fails; the cache alone holds it.
+        offline = revision is not None and constants.HF_HUB_OFFLINE
+        return Path(
+            snapshot_download(
+                text, allow_patterns=patterns or HUB_PATTERNS, revision=revision, local_files_only=offline
+            )
+        )
     except HFValidationError as e:
         raise CheckpointError(f"{text} is neither a local directory nor a valid hub id: {e}") from None
     except Exception as e:  # offline with an empty cache, unknown repo, network failure
         raise CheckpointError(
             f"{text} is not a local directory, and fetching it from the hub failed: {type(e).__name__}: {e}"
         ) from None
+
+
+def snapshot_of(src: str | os.PathLike, path: Path) -> Callable[..., Path]:
+    """:func:`locate` for more files of ``path``, what ``locate(src, ...)`` returned: for a hub id, files of the
+    same commit (a snapshot folder is named by its commit), so that weights fetched after the configs match
+    them even if the repository changed in between."""
+    return (
+        functools.partial(locate, src)
+        if is_local(src)
+        else functools.partial(locate, src, revision=path.name)
+    )

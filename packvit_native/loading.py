@@ -16,7 +16,7 @@ from .config import EncoderConfig, PositionResize, patch_layout_name
 from .encoder import PackedVisionEncoder
 from .errors import CheckpointError
 from .fp8 import convert_to_fp8, fp8_unavailable_reason
-from .hub import CONFIG_PATTERNS, locate
+from .hub import CONFIG_PATTERNS, locate, snapshot_of
 from .io import is_native_dir, load_native
 from .patchify import patch_weight_layout
 
@@ -206,7 +206,7 @@ def from_pretrained(
     _check_options(attn_backend, patch_layout, pos_resize, merge_size, device, dtype, precision)
     path = locate(src, CONFIG_PATTERNS)  # a hub id: the configs first, to learn what else to fetch
     if is_native_dir(path):
-        path = locate(src)
+        path = snapshot_of(src, path)()
         config, state = load_native(path)
         _check_state(config, state, path / "model.safetensors")
     else:

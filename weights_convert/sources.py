@@ -11,7 +11,6 @@ Every failure is a :class:`~weights_convert.errors.ConversionError` naming the f
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from packvit_native.hub import CONFIG_PATTERNS, is_local, locate
+from packvit_native.hub import CONFIG_PATTERNS, is_local, locate, snapshot_of
 from packvit_native.io import check_regular_file
 
 from .errors import ConversionError
@@ -121,7 +120,7 @@ def read_checkpoint(src: str | os.PathLike) -> Checkpoint:
     """A checkpoint's directory and configs. For a hub id only the configs are fetched here; weights are
     fetched file by file as a converter asks for them (a vision tower's shards, not a language model's)."""
     path = locate(src, CONFIG_PATTERNS)
-    fetch = None if is_local(src) else functools.partial(locate, src)
+    fetch = None if is_local(src) else snapshot_of(src, path)
     config_path = path / "config.json"
     if not _present(config_path):
         raise ConversionError(f"{path} has no config.json")
