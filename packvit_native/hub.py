@@ -49,6 +49,8 @@ def locate(src: str | os.PathLike, patterns: list[str] | None = None, revision: 
     Raises:
         CheckpointError: ``src`` is a file, a missing local path, or a hub id that cannot be fetched.
     """
+    if not os.fspath(src):  # Path("") is the current folder, which is not what an empty name asks for
+        raise CheckpointError("an empty name names no checkpoint; pass a folder or a hub id")
     path = Path(src).expanduser()
     if path.is_dir():
         return path

@@ -98,6 +98,12 @@ def test_a_path_object_is_never_a_hub_id(tmp_path, monkeypatch, no_network):
         pv.from_pretrained(Path("someorg/model"))
 
 
+def test_an_empty_name_is_not_the_current_folder(model_dir, monkeypatch, no_network):
+    monkeypatch.chdir(model_dir)  # a checkpoint here, which "" must not load
+    with pytest.raises(pv.CheckpointError, match="an empty name names no checkpoint"):
+        pv.from_pretrained("")
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
 def test_weights_of_one_byte_or_integers_are_refused(model_dir, tmp_path, no_network, dtype):
     """FP8 is made at load from a bf16/fp32 checkpoint; a file already holding FP8 or integer weights would load
