@@ -1493,4 +1493,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m packvit_native.cli`, this file is a second module beside packvit_native.cli, which the
+    # shard code imports: run that one, so that its errors are the ones caught here.
+    from packvit_native.cli import main as package_main
+
+    sys.exit(package_main())

@@ -704,6 +704,23 @@ def test_an_unreadable_file_named_like_a_token_file_is_moved_aside_not_deleted(
     assert (out / "00000.safetensors").is_file() == bool(tokens)
 
 
+def test_run_as_a_module_an_error_of_the_shard_code_is_one_line(model_dir, data, tmp_path):
+    """``python -m packvit_native.cli`` makes the file a second module beside the one the shard code imports;
+    errors raised there are still caught and reported in one line."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    out.mkdir()
+    save_file({"w": torch.zeros(2)}, out / "00000.safetensors")  # someone else's file, named like an output
+    run = subprocess.run(
+        [sys.executable, "-m", "packvit_native.cli", "encode", "--model", str(model_dir), "--out", str(out),
+         str(data / "wds" / "00000.tar"), "--tokens"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().endswith("move it away or encode into another --out")
+
+
 def test_a_binary_key_column_gives_text_keys(model_dir, tmp_path):
     import pyarrow as pa
 
