@@ -29,6 +29,8 @@ def _frames(image: Tensor, i: int, temporal: int) -> Tensor:
     if not image.is_floating_point():
         raise ValueError(f"images must be floating point, got dtype {image.dtype}")
     frames = image if image.ndim == 4 else image[None]
+    if frames.numel() == 0:  # e.g. a clip of no frames, what a video reader gives for a broken file
+        raise ValueError(f"image {i} is empty: shape {tuple(image.shape)}")
     if temporal > 1 and frames.shape[0] == 1:
         return frames.expand(temporal, *frames.shape[1:])  # a still image fills every frame of its patches
     if frames.shape[0] % temporal:

@@ -180,7 +180,8 @@ def target_size(
 
 # Largest image (width x height) load_image decodes by default: 64 Mi pixels, e.g. 8192 x 8192, 192 MB as RGB.
 # A file of a few hundred KB can declare 10000 x 10000 pixels, 300 MB decoded as RGB, so the declared size is
-# checked first. PIL's own bomb check (Image.MAX_IMAGE_PIXELS, about 179 M pixels) still applies above this.
+# checked first. Pillow's own check (twice Image.MAX_IMAGE_PIXELS, about 179 M pixels, refused in Image.open)
+# is raised to a higher limit asked for (see _allow_in_pillow), and its refusal worded as ours.
 MAX_DECODED_PIXELS = 64 * 2**20
 
 
@@ -190,7 +191,7 @@ _OVER_LIMIT = " pixels, over the limit of"
 def refused_pixels(error: str) -> int | None:
     """The pixel count an image was refused for, if ``error`` is :func:`decode`'s message for an image over the
     ``max_decoded_pixels`` limit: a rerun with a higher limit reads it again."""
-    found = re.search(rf"= (\d+){_OVER_LIMIT} \d+ decoded pixels", error)
+    found = re.search(rf"(\d+){_OVER_LIMIT} \d+ decoded pixels", error)
     return int(found.group(1)) if found else None
 
 
@@ -204,18 +205,57 @@ def decode(
     Raises ``ValueError`` if it is unreadable or declares more than ``max_decoded_pixels`` pixels (``None``: no
     limit of ours), which is checked from the header before anything is decoded.
     """
+    _allow_in_pillow(max_decoded_pixels)
     try:
         with Image.open(source) as im:  # reads the header only
             w, h = im.size
             if max_decoded_pixels is not None and w * h > max_decoded_pixels:
-                raise ValueError(
-                    f"it declares {w}x{h} = {w * h}{_OVER_LIMIT} {max_decoded_pixels} decoded "
-                    f"pixels (max_decoded_pixels, --max-decoded-pixels)"
-                )
+                raise ValueError(_over_limit(f"{w}x{h} = {w * h}", max_decoded_pixels))
             im.load()
-            return ImageOps.exif_transpose(im).convert(mode)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            return _upright(im).convert(mode)
+    except Image.DecompressionBombError as e:  # Pillow's own limit, below ours: said as ours, for reruns
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        raise ValueError(_over_limit(size[1], max_decoded_pixels) if size else str(e)) from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(str(e)) from None
+
+
+def _over_limit(pixels: str, limit: int | None) -> str:
+    return (
+        f"it declares {pixels}{_OVER_LIMIT} {limit} decoded pixels (max_decoded_pixels, --max-decoded-pixels)"
+    )
+
+
+def _allow_in_pillow(limit: int | None) -> None:
+    """Raise Pillow's process-wide bomb limit to ``limit`` (``None``: none) where ours is higher: Pillow refuses
+    in Image.open, before ours is checked, an image over twice its limit. Never lowered: other code in the
+    process keeps at least the limit it had."""
+    if Image.MAX_IMAGE_PIXELS is not None and (limit is None or limit > Image.MAX_IMAGE_PIXELS):
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+# EXIF orientation -> the transpose that shows the image upright, as Pillow's exif_transpose applies it.
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # fmt: skip
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` with its EXIF orientation applied. Pillow's exif_transpose fails on some damaged tags elsewhere in
+    the EXIF block (a Make tag of the wrong type, as some phones write: AttributeError, TypeError,
+    struct.error); the orientation tag alone is read then, and an image whose EXIF cannot be read at all is
+    taken as stored (transformers' load_image raises on both)."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:
+        pass
+    try:
+        method = _ORIENTATION.get(im.getexif().get(0x0112, 1))
+    except Exception:
+        return im
+    return im.transpose(method) if method is not None else im
 
 
 def load_image(
@@ -245,6 +285,8 @@ def _from_pil(image: Image.Image, hw: tuple[int, int], resample: str, channels: 
 
 def _unit_range(image: Tensor, i: int) -> Tensor:
     """A tensor image as floats in [0, 1]: ``uint8`` is read as 0-255, floats must already be in [0, 1]."""
+    if image.numel() == 0:  # e.g. a clip of no frames, what a video reader gives for a broken file
+        raise ValueError(f"image {i} is empty: shape {tuple(image.shape)}")
     if image.dtype == torch.uint8:
         return image.double() * (1 / 255)  # float64 then float32, as transformers rescales
     if not image.is_floating_point():

@@ -168,8 +168,60 @@ def test_bad_inputs_raise_value_error(tmp_path):
         pv.preprocess(_images([(20, 20)]), config, resample="lanczos")
     with pytest.raises(ValueError, match="no images"):
         pv.preprocess([], config)
+    for dtype in (
+        torch.uint8,
+        torch.float32,
+    ):  # a clip of no frames, as a video reader gives for a broken file
+        with pytest.raises(ValueError, match=r"image 1 is empty: shape \(0, 3, 32, 32\)"):
+            pv.preprocess(
+                [torch.zeros(3, 32, 32, dtype=dtype), torch.zeros(0, 3, 32, 32, dtype=dtype)], config
+            )
+    with pytest.raises(ValueError, match=r"image 0 is empty"):
+        pv.patchify([torch.zeros(0, 3, 16, 16)], 16)
     with pytest.raises(ValueError, match="merge"):
         pv.preprocess(_images([(20, 20)]), config.replace(merge_size=2), size=(48, 64))
+
+
+def test_a_damaged_exif_block_still_gives_the_upright_image(tmp_path):
+    """A Make tag stored as a number (as some phones write) makes Pillow's exif_transpose raise; the orientation
+    tag is then read alone, so the image is still turned upright, not refused or crashed on."""
+    import io
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Canon"  # orientation: rotated 90 degrees; Make
+    exif[0x8769] = {0x9003: "2020:01:01 00:00:00"}  # an Exif sub-IFD: exif_transpose then rewrites the block
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif.tobytes())
+    data = bytearray(buffer.getvalue())
+    make = data.index(b"\x01\x0f\x00\x02")  # the IFD entry of Make, type ASCII (2), big-endian
+    data[make + 3] = 11  # -> FLOAT
+    (tmp_path / "phone.jpg").write_bytes(bytes(data))
+    from PIL import ImageOps
+
+    with Image.open(tmp_path / "phone.jpg") as im, pytest.raises(Exception):  # noqa: B017 -- Pillow's failure
+        im.load()
+        ImageOps.exif_transpose(im)
+    config = _config()
+    got = pv.preprocess(tmp_path / "phone.jpg", config, size=(48, 32))
+    stored = Image.open(tmp_path / "phone.jpg").convert("RGB")  # a PIL image is taken as it is, unturned
+    want = pv.preprocess(stored.transpose(Image.Transpose.ROTATE_270), config, size=(48, 32))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_the_decoded_pixel_limit_is_ours_whatever_pillows_is(tmp_path, monkeypatch):
+    from packvit_native.preprocess import refused_pixels
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses over 2000 pixels in Image.open
+    Image.new("RGB", (100, 60)).save(tmp_path / "big.png")  # 6000 pixels
+    config = _config()
+    with pytest.raises(ValueError, match="declares 6000 pixels, over the limit of 500 decoded") as lower:
+        pv.preprocess(tmp_path / "big.png", config, max_decoded_pixels=500)  # Pillow's refusal, said as ours
+    assert refused_pixels(str(lower.value)) == 6000
+    assert pv.preprocess(tmp_path / "big.png", config, max_decoded_pixels=7000)[1].tolist() == [[1, 4, 6]]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert pv.preprocess(tmp_path / "big.png", config, max_decoded_pixels=None)[1].tolist() == [[1, 4, 6]]
+    assert Image.MAX_IMAGE_PIXELS is None
 
 
 def test_smart_size_keeps_the_pixel_budget_at_extreme_aspect_ratios():
