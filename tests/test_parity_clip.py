@@ -128,13 +128,15 @@ def test_preprocessing_matches_clip_processor_on_square_images(tiny_reference):
         {"do_normalize": False},
         {"do_rescale": False, "image_mean": [120.0, 110.0, 100.0], "image_std": [60.0, 50.0, 40.0]},
         {"rescale_factor": 1 / 127.5, "image_mean": [1.0, 1.0, 1.0], "image_std": [1.0, 1.0, 1.0]},
+        {"resample": 2},
     ],
-    ids=["stats", "no-normalize", "no-rescale", "rescale-factor"],
+    ids=["stats", "no-normalize", "no-rescale", "rescale-factor", "bilinear"],
 )
 @pytest.mark.parametrize("saved_by", ["processor", "image-processor"])
 def test_the_image_processor_settings_of_a_checkpoint_are_kept(tiny_reference, tmp_path, settings, saved_by):
     """As transformers reads them: the image processor nested in processor_config.json (what a Processor's
-    save_pretrained writes), else preprocessor_config.json; normalisation off, rescaling off, another factor."""
+    save_pretrained writes), else preprocessor_config.json; normalisation off, rescaling off, another factor,
+    another resize filter (every family reads it, as it reads the statistics)."""
     src = tmp_path / "src"
     shutil.copytree(tiny_reference("clip", "default"), src)
     processor = transformers.CLIPImageProcessorPil(

@@ -35,6 +35,7 @@ from .common import (
     per_frame,
     refuse_dropout,
     require,
+    resample_of,
     square,
     tower_config,
     tower_state,
@@ -121,7 +122,7 @@ def config_from_hf(
         pos_resize="none",
         final_norm=True,
         head="attention_pool" if use_head else "none",
-        resample="bicubic",
+        resample=resample_of(preprocessor, "bicubic"),
         **image_stats(preprocessor, CLIP_STATS),
     ).validate()
 

@@ -38,6 +38,7 @@ from .common import (
     per_frame,
     refuse_dropout,
     require,
+    resample_of,
     split_prefix,
     square,
     tower_config,
@@ -92,7 +93,7 @@ def config_from_hf(
         num_heads=require(v, "num_attention_heads"), mlp_hidden=require(v, "intermediate_size"),
         activation=activation(v["hidden_act"]), norm_eps=float(v["layer_norm_eps"]), patch_bias=False,
         embed_norm=True, num_cls=1, pos_embed="learned", pos_grid=(side, side), pos_resize="bicubic",
-        pos_embed_cls=True, final_norm=False, head="cls_norm", projection_dim=projection, resample="bicubic",
+        pos_embed_cls=True, final_norm=False, head="cls_norm", projection_dim=projection, resample=resample_of(preprocessor, "bicubic"),
         resize_max_patches=side * side, **image_stats(preprocessor, CLIP_STATS),
     ).validate()  # fmt: skip
 

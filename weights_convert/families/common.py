@@ -112,6 +112,22 @@ def image_stats(
     return {"image_mean": mean, "image_std": std}
 
 
+# PIL's filter numbers, as image processor configs record them, for the filters our preprocessing has.
+RESAMPLE = {2: "bilinear", 3: "bicubic"}
+
+
+def resample_of(preprocessor: dict[str, Any] | None, default: str) -> str:
+    """The resize filter of a checkpoint's image processor config, else ``default`` (its class's default)."""
+    value = (preprocessor or {}).get("resample")
+    if value is None:
+        return default
+    if value not in RESAMPLE or isinstance(value, bool):
+        raise ConversionError(
+            f"the image processor's resample = {value!r}: only bilinear (2) and bicubic (3) are supported"
+        )
+    return RESAMPLE[value]
+
+
 def with_defaults(cfg: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """A config with the source library's defaults filled in: hub configs often omit default values."""
     return {**defaults, **cfg}

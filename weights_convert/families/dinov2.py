@@ -41,6 +41,7 @@ from .common import (
     per_frame,
     refuse_dropout,
     require,
+    resample_of,
     split_prefix,
     square,
     with_defaults,
@@ -50,7 +51,6 @@ NAME = "dinov2"
 MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 HF_CLASSES = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}
 VARIANTS = ("default", "registers", "swiglu")
-RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as preprocessor_config.json records them
 CROP = 224  # BitImageProcessor's default crop_size
 
 # transformers' Dinov2Config / Dinov2WithRegistersConfig defaults (hub configs may omit them).
@@ -92,16 +92,11 @@ def _pixels(value: Any, key: str) -> int:
 
 def preprocessing(pre: dict[str, Any]) -> dict[str, Any]:
     """Resampling filter and default size rule closest to ``BitImageProcessor`` (see the module docstring)."""
-    resample = pre.get("resample", 3)
-    if resample not in RESAMPLE:
-        raise ConversionError(
-            f"preprocessor_config.json resample = {resample!r}: only bilinear (2) and bicubic (3) are "
-            "supported"
-        )
+    resample = resample_of(pre, "bicubic")
     if pre.get("do_center_crop", True):
         area = _pixels(pre.get("crop_size", CROP), "crop_size")
-        return {"resample": RESAMPLE[resample], "resize_min_pixels": area, "resize_max_pixels": area}
-    return {"resample": RESAMPLE[resample], "resize_min_pixels": _pixels(pre.get("size", CROP), "size")}
+        return {"resample": resample, "resize_min_pixels": area, "resize_max_pixels": area}
+    return {"resample": resample, "resize_min_pixels": _pixels(pre.get("size", CROP), "size")}
 
 
 def config_from_hf(

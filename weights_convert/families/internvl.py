@@ -46,6 +46,7 @@ from .common import (
     per_frame,
     refuse_dropout,
     require,
+    resample_of,
     split_prefix,
     square,
     tower_config,
@@ -102,7 +103,7 @@ def config_from_hf(
         qkv_bias=bool(v["attention_bias"]), key_bias=bool(v["attention_bias"]), qk_norm=bool(v["use_qk_norm"]),
         layer_scale=True, num_cls=1, pos_embed="learned" if learned else "none",
         pos_grid=(side, side) if learned else None, pos_resize="bicubic" if learned else "none",
-        pos_embed_cls=learned, final_norm=not mean, head="mean" if mean else "cls", resample="bicubic",
+        pos_embed_cls=learned, final_norm=not mean, head="mean" if mean else "cls", resample=resample_of(preprocessor, "bicubic"),
         resize_max_patches=side * side, **image_stats(preprocessor, IMAGENET_STATS),
     ).validate()  # fmt: skip
 

@@ -39,6 +39,7 @@ from .common import (
     per_frame,
     refuse_dropout,
     require,
+    resample_of,
     split_prefix,
     square,
     tower_state,
@@ -77,7 +78,7 @@ def config_from_hf(
         num_heads=require(v, "num_attention_heads"), mlp_hidden=require(v, "intermediate_size"),
         mlp="mlp", activation=activation(v["hidden_act"]), norm="layernorm", norm_eps=float(v["layer_norm_eps"]),
         patch_bias=False, num_cls=1, rope="index", rope_theta=rope_theta(v), rope_fp32=True, rope_cls=True,
-        embed_norm=True, final_norm=False, head="cls_norm", resample="bicubic",
+        embed_norm=True, final_norm=False, head="cls_norm", resample=resample_of(preprocessor, "bicubic"),
         resize_max_patches=(square(v["image_size"], "image_size") // patch) ** 2,
         **image_stats(preprocessor, CLIP_STATS),
     ).validate()  # fmt: skip

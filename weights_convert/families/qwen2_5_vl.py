@@ -33,6 +33,7 @@ from .common import (
     image_stats,
     load_vlm_tower_reference,
     require,
+    resample_of,
     square,
     tower_config,
     vlm_tower_keys,
@@ -102,7 +103,7 @@ def stem_fields(v: dict[str, Any], preprocessor: dict[str, Any] | None, stats) -
         "head": "merger",
         "out_hidden_size": require(v, "out_hidden_size"),
         "merge_size": require(v, "spatial_merge_size"),
-        "resample": "bicubic",
+        "resample": resample_of(preprocessor, "bicubic"),
         **pixel_budget(preprocessor),
         **image_stats(preprocessor, stats),
     }

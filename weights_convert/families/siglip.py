@@ -24,6 +24,7 @@ from .common import (
     per_frame,
     refuse_dropout,
     require,
+    resample_of,
     square,
     tower_config,
     tower_state,
@@ -76,7 +77,12 @@ def config_from_hf(
     v = with_defaults(tower_config(cfg)[0], DEFAULTS)
     side = square(v["image_size"], "image_size") // square(v["patch_size"], "patch_size")
     return trunk_config(
-        v, preprocessor, family="siglip", pos_grid=(side, side), pos_resize="bicubic", resample="bicubic"
+        v,
+        preprocessor,
+        family="siglip",
+        pos_grid=(side, side),
+        pos_resize="bicubic",
+        resample=resample_of(preprocessor, "bicubic"),
     )
 
 

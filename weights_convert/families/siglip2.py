@@ -22,7 +22,7 @@ from packvit_native.patchify import patchify
 from ..errors import ConversionError
 from ..keymap import Converted
 from ..sources import Checkpoint
-from .common import load_tower_reference, per_frame, tower_config, with_defaults
+from .common import load_tower_reference, per_frame, resample_of, tower_config, with_defaults
 from .siglip import DEFAULTS as SIGLIP_DEFAULTS
 from .siglip import TINY_TEXT, convert_trunk, tiny_vision, trunk_config
 
@@ -56,7 +56,7 @@ def config_from_hf(
         )
     return trunk_config(
         v, preprocessor, family="siglip2", pos_grid=(side, side), pos_resize="bilinear_antialias",
-        resample="bilinear", resize_max_patches=budget,
+        resample=resample_of(preprocessor, "bilinear"), resize_max_patches=budget,
     )  # fmt: skip
 
 
