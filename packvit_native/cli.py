@@ -31,8 +31,8 @@ Webdataset tar shards and parquet files (paths or brace patterns such as ``data/
 encoded shard by shard into ``DIR/NAME.parquet`` (one row per image: key, ``grid_thw``, the per-image embedding,
 kept metadata) and, with ``--tokens``, ``DIR/NAME.safetensors``; a rerun skips finished shards. ``--engine ray``
 runs the same on Ray Data. See :mod:`packvit_native.shards` and :mod:`packvit_native.ray_data`.
-``--num-shards N --shard-index I`` keeps the inputs at positions ``i % N == I`` of the sorted names, so N runs
-cover them once with no coordination beyond ``DIR``.
+``--num-shards N --shard-index I`` keeps the inputs whose name hashes to ``I`` modulo ``N``, so N runs cover
+them once with no coordination beyond ``DIR``, however the inputs change between runs.
 
 Exit codes: 0 everything encoded; 1 some images (samples) were unreadable, the rest were encoded; 2 a fatal
 error (bad options, no images, an unusable ``--model`` or ``--out``, a full disk), reported in one line, with
@@ -1323,12 +1323,19 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="packvit", description="Packed, padding-free vision encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
-    enc = sub.add_parser(
-        "encode",
-        help="encode image files into safetensors features",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    _encode_options(
+        sub.add_parser(
+            "encode",
+            help="encode image files into safetensors features",
+            description=__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
     )
+    return parser
+
+
+def _encode_options(enc: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``packvit encode``'s arguments to ``enc``; returns it."""
     enc.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)"
     )
@@ -1446,7 +1453,7 @@ def build_parser() -> argparse.ArgumentParser:
         "decode as PIL does, take the CPU path. Needs torchvision built for this torch with CUDA. Features "
         "are close to, not bit-identical with, the default PIL decoding, so it is recorded in the settings",
     )  # fmt: skip
-    return parser
+    return enc
 
 
 def _parse_names(text: str) -> list[str]:
@@ -1458,13 +1465,41 @@ def _parse_names(text: str) -> list[str]:
 
 def encode_args(**given: Any) -> argparse.Namespace:
     """``packvit encode``'s settings with its defaults, for callers that are not the command line (the Ray
-    entry point): one home for every default. Unknown names are refused."""
-    args = build_parser().parse_args(["encode", "--model", "-", "--out", "-", "-"])
+    entry point): one home for every default. Unknown names are a ``TypeError``; values the command line
+    would refuse (a choice not offered, a count below 1, a flag that is not a bool) a ``ValueError``. ``None``
+    leaves an option unset (``max_decoded_pixels=None``: no limit)."""
+    options = _encode_options(argparse.ArgumentParser(prog="packvit encode"))
+    args = options.parse_args(["--model", "-", "--out", "-", "-"])
     unknown = sorted(set(given) - set(vars(args)))
     if unknown:
         raise TypeError(f"unknown encode settings: {', '.join(unknown)}")
+    for action in options._actions:  # argparse offers no public list of a parser's options
+        value = given.get(action.dest)
+        if value is not None:
+            given[action.dest] = _setting(action, value)
     vars(args).update(given)
     return args
+
+
+def _setting(action: argparse.Action, value: Any) -> Any:
+    """``value`` for option ``action`` checked as the command line checks its text: ``ValueError`` if refused."""
+    name = action.dest
+    if action.nargs == 0:  # a flag
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+        return value
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, action.choices))}, got {value!r}")
+    if action.type is _parse_layers:
+        value = [value] if isinstance(value, int) else value
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
+            raise ValueError(f"layers must be an int or a list of ints, got {value!r}")
+        return list(value)
+    if action.type is _positive_int and not (
+        isinstance(value, int) and not isinstance(value, bool) and value > 0
+    ):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from .cli import (
     OUTPUT_COLUMNS,
     Fatal,
     capture_graphs,
+    check_device,
     default_dtype,
     encode_args,
     load_model,
@@ -86,8 +87,6 @@ def connect(args: argparse.Namespace, say: Callable[[str], None]) -> torch.devic
         args.gpus_per_worker = 1.0 if gpus else 0.0
     if args.gpus_per_worker < 0:
         raise Fatal(f"--gpus-per-worker must be 0 or more, got {args.gpus_per_worker:g}")
-    if args.gpus_per_worker > 0 and not gpus:
-        raise Fatal("the Ray cluster has no GPU; pass --gpus-per-worker 0 to run the model on CPUs")
     if args.workers is None:
         args.workers = max(1, int(gpus // args.gpus_per_worker)) if args.gpus_per_worker else 1
     device = torch.device("cuda" if args.gpus_per_worker > 0 else "cpu")
@@ -95,12 +94,31 @@ def connect(args: argparse.Namespace, say: Callable[[str], None]) -> torch.devic
         raise Fatal(f"--device {args.device} does not fit --gpus-per-worker {args.gpus_per_worker:g}")
     if args.graphs and device.type != "cuda":
         raise Fatal("--graphs replays CUDA graphs: give the model actors GPUs (--gpus-per-worker above 0)")
+    check_cluster(args, device)
     args.dtype = default_dtype(args, device)
     say(
         f"packvit encode: Ray cluster with {gpus:g} GPUs and {ray.cluster_resources().get('CPU', 0):g} CPUs; "
         f"{args.workers} model workers with {args.gpus_per_worker:g} GPUs each"
     )
     return device
+
+
+def check_cluster(args: argparse.Namespace, device: torch.device) -> None:
+    """``Fatal`` for model actors the cluster cannot run, which Ray would otherwise wait for forever (actors
+    asking for GPUs it has not; CPU actors holding every CPU, so that no task is left to read and decode) or
+    start only to fail in each (an attention backend the CPU cannot run)."""
+    resources = _ray().cluster_resources()
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
+    if device.type == "cuda" and not gpus:
+        raise Fatal("the Ray cluster has no GPU; pass --gpus-per-worker 0 to run the model on CPUs")
+    if device.type == "cpu":
+        if args.workers >= cpus:
+            raise Fatal(
+                f"{args.workers} model workers on CPUs would hold all {cpus:g} CPUs of the Ray cluster, and no "
+                f"CPU would be left to read and decode images; use at most {max(int(cpus) - 1, 0)} (--workers)"
+                + ("" if cpus >= 2 else ": encoding on CPUs needs a cluster of 2 CPUs or more")
+            )
+        check_device(args, device)  # the driver runs the same software as the actors it starts
 
 
 # --------------------------------------------------------------------------------------------- the stages
@@ -352,6 +370,10 @@ def encode_dataset(
     """
     args = encode_args(model=model, workers=workers, gpus_per_worker=gpus_per_worker, **settings)
     schema = ds.schema()
+    if schema is not None and image_column not in schema.names:
+        raise ValueError(
+            f"the dataset has no column {image_column!r} (image_column); its columns: {', '.join(schema.names)}"
+        )
     added = ("_", "features", "prefix") if args.tokens else ("_",)
     taken = sorted(
         c
@@ -372,8 +394,10 @@ def encode_dataset(
         )
     if args.graphs and not gpus_per_worker > 0:
         raise ValueError("graphs=True replays CUDA graphs: give the model actors GPUs (gpus_per_worker > 0)")
-    args.dtype = default_dtype(args, torch.device("cuda" if gpus_per_worker > 0 else "cpu"))
+    device = torch.device("cuda" if gpus_per_worker > 0 else "cpu")
+    args.dtype = default_dtype(args, device)
     try:
+        check_cluster(args, device)
         loaded, sha256 = load_model(args, torch.device("cpu"), check_only=True)
         rule = resize_rule(args, loaded)
     except Fatal as e:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from shard_data import CORRUPT, as_files, samples, write_parquet, write_webdataset
 
 import packvit_native as pv
-from packvit_native.cli import main
+from packvit_native.cli import encode_args, main
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -191,6 +191,47 @@ def test_graphs_need_gpu_actors(model_dir, tmp_path, capsys):
         from packvit_native.ray_data import encode_dataset
 
         encode_dataset(ray.data.from_items([{"image": b""}]), str(model_dir), graphs=True)
+
+
+def test_what_would_wait_forever_or_fail_in_every_actor_is_refused_up_front(model_dir, tmp_path, capsys):
+    """On this 2-CPU cluster: two CPU actors would hold both CPUs and leave none to read (Ray waits forever);
+    GPU actors on a cluster without GPUs would never start; settings the command line refuses, a missing image
+    column and an attention backend the CPU actors cannot run are refused on the driver."""
+    from packvit_native.ray_data import encode_dataset
+
+    ds = ray.data.from_items([{"image": b""}])
+    refused = [
+        ({"workers": 2}, "2 model workers on CPUs would hold all 2 CPUs of the Ray cluster"),
+        ({"gpus_per_worker": 1}, "the Ray cluster has no GPU"),
+        ({"resample": "nearest"}, "resample must be one of 'bilinear', 'bicubic', got 'nearest'"),
+        ({"dtype": "fp16"}, "dtype must be one of"),
+        ({"max_tokens": 0}, "max_tokens must be a positive integer, got 0"),
+        ({"image_column": "jpg"}, "the dataset has no column 'jpg' \\(image_column\\); its columns: image"),
+        ({"attn_backend": "fa4"}, "attention backend 'fa4' is not available: it needs a CUDA GPU"),
+    ]
+    for settings, message in refused:
+        with pytest.raises(ValueError, match=message):
+            encode_dataset(ds, str(model_dir), **settings)
+    assert encode_args(model=str(model_dir), layers=-2).layers == [
+        -2
+    ]  # an int, as the command line's --layers=-2
+    write_webdataset(tmp_path / "wds", shards=1, per_shard=2)
+    common = [
+        "--model",
+        model_dir,
+        tmp_path / "wds" / "00000.tar",
+        "--out",
+        tmp_path / "out",
+        "--engine",
+        "ray",
+    ]
+    for extra, message in (
+        (["--workers", 2], "2 model workers on CPUs would hold all 2 CPUs"),
+        (["--attn-backend", "fa4"], "attention backend 'fa4' is not available: it needs a CUDA GPU"),
+    ):
+        assert _encode(*common, *extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 def test_errors_without_a_key_keep_what_they_stand_for(model_dir, tmp_path, capsys):
