@@ -363,7 +363,8 @@ def check_parquet_schema(path: Path, args: argparse.Namespace) -> dict[str, Any]
 
 
 def _is_bytes(pa: Any, kind: Any) -> bool:
-    return kind is not None and (pa.types.is_binary(kind) or pa.types.is_large_binary(kind))
+    views = getattr(pa.types, "is_binary_view", lambda _: False)  # pyarrow 16 and later
+    return kind is not None and (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or views(kind))
 
 
 def _struct_bytes(kind: Any) -> Any:

@@ -721,6 +721,19 @@ def test_run_as_a_module_an_error_of_the_shard_code_is_one_line(model_dir, data,
     assert run.stderr.strip().endswith("move it away or encode into another --out")
 
 
+def test_an_image_column_of_binary_views_is_read(model_dir, tmp_path):
+    import pyarrow as pa
+
+    rows = samples(0, 2)
+    (tmp_path / "in").mkdir()
+    table = pa.table(
+        {"key": [k for k, _, _ in rows], "image": pa.array([d for _, d, _ in rows], pa.binary_view())}
+    )
+    pq.write_table(table, tmp_path / "in" / "p.parquet")
+    assert _encode("--model", model_dir, "--out", tmp_path / "out", tmp_path / "in" / "p.parquet") == 0
+    assert _rows(tmp_path / "out" / "p.parquet")[0] == [k for k, _, _ in rows]
+
+
 def test_a_binary_key_column_gives_text_keys(model_dir, tmp_path):
     import pyarrow as pa
 
