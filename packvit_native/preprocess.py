@@ -181,7 +181,7 @@ def target_size(
 # Largest image (width x height) load_image decodes by default: 64 Mi pixels, e.g. 8192 x 8192, 192 MB as RGB.
 # A file of a few hundred KB can declare 10000 x 10000 pixels, 300 MB decoded as RGB, so the declared size is
 # checked first. Pillow's own check (twice Image.MAX_IMAGE_PIXELS, about 179 M pixels, refused in Image.open)
-# is raised to a higher limit asked for (see _allow_in_pillow), and its refusal worded as ours.
+# is lifted for an image within a higher limit asked for, and its refusal is worded as ours.
 MAX_DECODED_PIXELS = 64 * 2**20
 
 
@@ -205,19 +205,32 @@ def decode(
     Raises ``ValueError`` if it is unreadable or declares more than ``max_decoded_pixels`` pixels (``None``: no
     limit of ours), which is checked from the header before anything is decoded.
     """
-    _allow_in_pillow(max_decoded_pixels)
     try:
-        with Image.open(source) as im:  # reads the header only
-            w, h = im.size
-            if max_decoded_pixels is not None and w * h > max_decoded_pixels:
-                raise ValueError(_over_limit(f"{w}x{h} = {w * h}", max_decoded_pixels))
-            im.load()
-            return _upright(im).convert(mode)
-    except Image.DecompressionBombError as e:  # Pillow's own limit, below ours: said as ours, for reruns
-        size = re.search(r"\((\d+) pixels\)", str(e))
-        raise ValueError(_over_limit(size[1], max_decoded_pixels) if size else str(e)) from None
+        try:
+            return _decoded(source, mode, max_decoded_pixels)
+        except Image.DecompressionBombError as e:  # over Pillow's own limit, checked in Image.open
+            pixels = re.search(r"\((\d+) pixels\)", str(e))
+            if pixels is None or (max_decoded_pixels is not None and int(pixels[1]) > max_decoded_pixels):
+                raise ValueError(_over_limit(pixels[1], max_decoded_pixels) if pixels else str(e)) from None
+        if not isinstance(source, (str, os.PathLike)):
+            source.seek(0)
+        with _PILLOW_LIMIT:  # within our limit: opened again with Pillow's check lifted for this image alone
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                return _decoded(source, mode, max_decoded_pixels)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(str(e)) from None
+
+
+def _decoded(source: str | os.PathLike | BinaryIO, mode: str, max_decoded_pixels: int | None) -> Image.Image:
+    with Image.open(source) as im:  # reads the header only
+        w, h = im.size
+        if max_decoded_pixels is not None and w * h > max_decoded_pixels:
+            raise ValueError(_over_limit(f"{w}x{h} = {w * h}", max_decoded_pixels))
+        im.load()
+        return _upright(im).convert(mode)
 
 
 def _over_limit(pixels: str, limit: int | None) -> str:
@@ -226,12 +239,8 @@ def _over_limit(pixels: str, limit: int | None) -> str:
     )
 
 
-def _allow_in_pillow(limit: int | None) -> None:
-    """Raise Pillow's process-wide bomb limit to ``limit`` (``None``: none) where ours is higher: Pillow refuses
-    in Image.open, before ours is checked, an image over twice its limit. Never lowered: other code in the
-    process keeps at least the limit it had."""
-    if Image.MAX_IMAGE_PIXELS is not None and (limit is None or limit > Image.MAX_IMAGE_PIXELS):
-        Image.MAX_IMAGE_PIXELS = limit
+# Held while Pillow's process-wide limit is lifted for one image within ours (see decode).
+_PILLOW_LIMIT = threading.Lock()
 
 
 # EXIF orientation -> the transpose that shows the image upright, as Pillow's exif_transpose applies it.
