@@ -49,14 +49,14 @@ import argparse
 import contextlib
 import hashlib
 import io
+import itertools
 import json
-import math
 import re
 import secrets
 import tarfile
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,39 +156,34 @@ MAX_EXPANDED = 1_000_000
 def expand_braces(pattern: str) -> list[str]:
     """Expand ``{a,b}`` lists and ``{000..099}`` ranges (zero-padded when a bound is), left to right, as a
     shell does: ``data/{0..1}-{a,b}.tar`` -> ``data/0-a.tar, data/0-b.tar, data/1-a.tar, data/1-b.tar``.
-    ``ValueError`` for a malformed brace or a pattern naming more than ``MAX_EXPANDED`` paths."""
-    count = math.prod(len(_brace_span(pattern, m.group(1))) for m in _BRACE.finditer(pattern))
-    if count > MAX_EXPANDED:
-        raise ValueError(f"{pattern}: names {count:,} paths, more than {MAX_EXPANDED:,}; split the run")
-    return _expand(pattern)
+    ``ValueError`` for a malformed brace or a pattern naming more than ``MAX_EXPANDED`` paths (found while
+    expanding lazily, before more than that many are built)."""
+    paths = list(itertools.islice(_expand(pattern), MAX_EXPANDED + 1))
+    if len(paths) > MAX_EXPANDED:
+        raise ValueError(f"{pattern}: names more than {MAX_EXPANDED:,} paths; split the run")
+    return paths
 
 
-def _expand(pattern: str) -> list[str]:
+def _expand(pattern: str) -> Iterator[str]:
     match = _BRACE.search(pattern)
     if match is None:
-        return [pattern]
+        yield pattern
+        return
     body = match.group(1)
-    values = _brace_span(pattern, body)  # checked again: substituting a value can form a new brace
-    if isinstance(values, range):
-        bounds = _RANGE.fullmatch(body).groups()  # type: ignore[union-attr]
-        pad = max(map(len, bounds)) if any(_zero_padded(bound) for bound in bounds) else 0
-        values = [str(i).zfill(pad) for i in values]
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [path for value in values for path in _expand(head + value + tail)]
-
-
-def _brace_span(pattern: str, body: str) -> range | list[str]:
-    """The values of one brace: a ``range`` (not built, so it can be counted first) or the listed strings."""
     numbers = _RANGE.fullmatch(body)
     if numbers:
         lo, hi = (int(bound) for bound in numbers.groups())
-        span = range(lo, hi + 1) if hi >= lo else range(lo, hi - 1, -1)
-        if len(span) > MAX_EXPANDED:
-            raise ValueError(f"{pattern}: {{{body}}} names {len(span):,} paths, more than {MAX_EXPANDED:,}")
-        return span
-    if "," in body:
-        return body.split(",")
-    raise ValueError(f"{pattern}: cannot expand {{{body}}}; use {{a,b,c}} or {{000..099}}")
+        pad = max(map(len, numbers.groups())) if any(_zero_padded(b) for b in numbers.groups()) else 0
+        values: Iterable[str] = (
+            str(i).zfill(pad) for i in (range(lo, hi + 1) if hi >= lo else range(lo, hi - 1, -1))
+        )
+    elif "," in body:
+        values = body.split(",")
+    else:
+        raise ValueError(f"{pattern}: cannot expand {{{body}}}; use {{a,b,c}} or {{000..099}}")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    for value in values:
+        yield from _expand(head + value + tail)
 
 
 def _zero_padded(bound: str) -> bool:

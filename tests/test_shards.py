@@ -67,13 +67,14 @@ def test_expand_braces():
 
 
 def test_expand_braces_refuses_a_pattern_naming_too_many_paths():
-    # Refused before a single path is built (a list of 10^12 strings would exhaust memory first).
-    with pytest.raises(ValueError, match="names 1,000,000,000,000 paths, more than 1,000,000"):
-        shards.expand_braces("d/{000000..999999}/{000000..999999}.tar")
-    with pytest.raises(ValueError, match="names 10,000,000,000 paths"):
-        shards.expand_braces("d/{0..9999999999}.tar")
-    with pytest.raises(ValueError, match=r"\{0\.\.99999999\} names 100,000,000 paths"):
-        shards.expand_braces("{0..{9,99999999}}")  # a range that exists only once its inner brace is expanded
+    # Found while expanding lazily: a list of 10^12 strings would exhaust memory first.
+    for pattern in (
+        "d/{000000..999999}/{000000..999999}.tar",
+        "d/{0..9999999999}.tar",
+        "{0..{1999,0}}-{0..{999,0}}.tar",  # ranges that exist only once their inner braces are expanded
+    ):
+        with pytest.raises(ValueError, match="names more than 1,000,000 paths; split the run"):
+            shards.expand_braces(pattern)
     assert len(shards.expand_braces(f"{{1..{shards.MAX_EXPANDED}}}")) == shards.MAX_EXPANDED
 
 
