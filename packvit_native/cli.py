@@ -110,6 +110,12 @@ class Item:
     path: Path
     name: str
 
+    @property
+    def stem(self) -> str:
+        """Where its own files are stored (``OUT/<stem>.safetensors``, ``.pca.png``): the name, shortened where
+        it would not fit in a file name (see ``_storable``); packed parts keep the whole name."""
+        return _storable(self.name)
+
 
 def find_images(inputs: Iterable[str | os.PathLike], out: Path | None = None) -> list[Item]:
     """Expand files and folders into named images; ``ValueError`` for a missing input, a folder that cannot be
@@ -125,11 +131,11 @@ def find_images(inputs: Iterable[str | os.PathLike], out: Path | None = None) ->
         path = Path(raw)
         if path.is_dir():
             items += [
-                Item(f, _storable(path_text(f.relative_to(path).with_suffix("").as_posix())))
+                Item(f, path_text(f.relative_to(path).with_suffix("").as_posix()))
                 for f in _image_files(path, out)
             ]
         elif path.is_file():
-            items.append(Item(path, _storable(path_text(path.stem))))
+            items.append(Item(path, path_text(path.stem)))
         else:
             raise ValueError(f"{raw}: no such file or folder")
     by_name: dict[str, list[Path]] = {}
@@ -339,6 +345,12 @@ def part_names(metadata: dict[str, str]) -> list[str]:
     return names
 
 
+def _source(item: Item) -> str:
+    """The image an output records: its absolute path, links resolved, so that a rerun given the folder by
+    another path (relative, absolute, through a link) still recognises it."""
+    return path_text(item.path.resolve())
+
+
 def _metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(path, "pt") as f:
@@ -407,7 +419,7 @@ class _Writer:
                 return True
             self.changed.append(item)
             return True
-        path = self.out / f"{item.name}.safetensors"
+        path = self.out / f"{item.stem}.safetensors"
         if not path.is_file():
             return False
         try:
@@ -430,7 +442,7 @@ class _Writer:
         if self._same_image(item, metadata.get("source"), metadata.get("source_id"), path):
             return True
         self.say(f"packvit encode: {item.path} changed since {path.name} was made from it; encoding it again")
-        (self.out / f"{item.name}{PREVIEW_SUFFIX}").unlink(missing_ok=True)  # the old image's picture
+        (self.out / f"{item.stem}{PREVIEW_SUFFIX}").unlink(missing_ok=True)  # the old image's picture
         return False
 
     def _same_image(self, item: Item, source: str | None, recorded: str | None, where: Path) -> bool:
@@ -441,7 +453,7 @@ class _Writer:
             return True
         if source_id(item.path) == recorded:
             return True  # the image, or a copy of it moved elsewhere
-        if source == path_text(item.path):
+        if source in (_source(item), path_text(item.path)):  # resolved, or as given to an earlier run
             return False
         raise Fatal(
             f"{where} holds the features of {source}, a different image stored under the name {item.name!r}; "
@@ -460,7 +472,7 @@ class _Writer:
                     tensors[key.replace("features", "prefix", 1)] = prefix
             meta = {
                 "names": json.dumps([i.name for i in items]),
-                "sources": json.dumps([path_text(i.path) for i in items]),
+                "sources": json.dumps([_source(i) for i in items]),
                 "source_ids": json.dumps([source_id(i.path) for i in items]),
             }
             self._claim_part(tensors, meta)
@@ -473,15 +485,13 @@ class _Writer:
                 tensors[key] = patches[start : start + n]
                 if prefix is not None:
                     tensors[key.replace("features", "prefix", 1)] = prefix[b]
-            path = self.out / f"{item.name}.safetensors"
+            path = self.out / f"{item.stem}.safetensors"
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise Fatal(f"cannot create folder {path.parent}: {reason(e)}; {KEPT}") from None
             # Replacing is safe: another run writing this name writes the same image with the same model.
-            save_tensors(
-                path, tensors, {"source": path_text(item.path), "source_id": source_id(item.path) or ""}
-            )
+            save_tensors(path, tensors, {"source": _source(item), "source_id": source_id(item.path) or ""})
             start += n
 
     def _claim_part(self, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
@@ -1129,7 +1139,7 @@ def _encode_files(args: argparse.Namespace) -> int:
     writer = _Writer(out, args.format == "packed", expected_keys(args), say)
 
     def pictured(item: Item) -> bool:
-        return not args.preview or (out / f"{item.name}{PREVIEW_SUFFIX}").is_file()
+        return not args.preview or (out / f"{item.stem}{PREVIEW_SUFFIX}").is_file()
 
     # An image encoded without --preview is encoded again for its picture, except into packed parts, where
     # it would then be stored twice: those are only counted.
@@ -1294,7 +1304,7 @@ def _write_previews(out: Path, items: list[Item], grids: Tensor, tokens: Tensor,
         rgb = pca_rgb(tokens[start : start + n], h, w, config.merge_size)  # the first frame of a clip
         start += n
         try:
-            write_png(out / f"{item.name}{PREVIEW_SUFFIX}", rgb, config.patch_size)
+            write_png(out / f"{item.stem}{PREVIEW_SUFFIX}", rgb, config.patch_size)
         except OSError as e:
             raise Fatal(f"cannot write the preview of {item.path}: {reason(e)}; {KEPT}") from None
 

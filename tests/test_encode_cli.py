@@ -292,7 +292,7 @@ def test_an_image_named_near_the_file_name_limit_is_stored_under_a_shortened_nam
 
 @pytest.mark.parametrize("layout", ["files", "packed"])
 def test_a_changed_image_or_another_of_the_same_name_is_not_taken_for_the_encoded_one(
-    tiny_reference, tmp_path, capsys, layout
+    tiny_reference, tmp_path, capsys, layout, monkeypatch
 ):
     src, out = tiny_reference("dinov3", "gelu"), tmp_path / "out"
     fmt = ["--format", "packed"] if layout == "packed" else []
@@ -325,6 +325,10 @@ def test_a_changed_image_or_another_of_the_same_name_is_not_taken_for_the_encode
     else:  # parts are never rewritten: the change is reported
         assert "1 image changed since encoded into packed parts" in err
         assert sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors")) == before
+    # changed again, and the folder given by a relative path this time: still the same image's file
+    Image.fromarray(np.full((28, 28, 3), 10, np.uint8)).save(day1 / "IMG_1.png")
+    monkeypatch.chdir(tmp_path)
+    assert _encode("--model", src, "--out", out, "day1", *fmt) == 0
 
 
 def test_a_file_of_someone_elses_named_like_an_output_is_never_replaced(tiny_reference, tmp_path, capsys):
