@@ -227,7 +227,7 @@ def _exchange(a: Path, b: Path) -> bool:
     return _renameat2(a, b, _RENAME_EXCHANGE)
 
 
-def _rename_new(a: Path, b: Path) -> None:
+def rename_new(a: Path, b: Path) -> None:
     """Rename ``a`` to ``b``, raising ``FileExistsError`` if ``b`` exists: in one step where the system can
     (``RENAME_NOREPLACE``); elsewhere checked first, so a folder made at ``b`` in between, if empty, is replaced."""
     if _renameat2(a, b, _RENAME_NOREPLACE):
@@ -370,7 +370,7 @@ def _place(tmp: Path, out: Path, force: bool) -> Path | None:
     Without ``force`` a folder that appeared under ``out`` since the caller checked is never replaced."""
     while True:
         try:
-            _rename_new(tmp, out)
+            rename_new(tmp, out)
             return None
         except FileExistsError:
             if not force:

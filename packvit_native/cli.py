@@ -240,16 +240,21 @@ def save_tensors(
 
 
 def move_aside(path: Path, damage: ValueError) -> Path:
-    """Rename a damaged file to ``NAME.damaged`` and return that path: out of the way of readers of the folder,
-    never overwritten, its bytes kept for a look (it may not even be ours)."""
-    aside = path.with_name(path.name + ".damaged")
-    try:
-        os.replace(path, aside)
-    except FileNotFoundError:  # a concurrent run moved it first
-        pass
-    except OSError as e:
-        raise Fatal(f"{path} is damaged ({damage}) and cannot be moved aside: {reason(e)}") from None
-    return aside
+    """Rename a damaged file to ``NAME.damaged`` (``NAME.damaged.1``, ... where that is taken) and return that
+    path: out of the way of readers of the folder, its bytes kept for a look (it may not even be ours), and no
+    file moved aside before is overwritten."""
+    taken = 0
+    while True:
+        aside = path.with_name(path.name + ".damaged" + (f".{taken}" if taken else ""))
+        try:
+            atomic.rename_new(path, aside)
+            return aside
+        except FileExistsError:
+            taken += 1
+        except FileNotFoundError:  # a concurrent run moved it first
+            return aside
+        except OSError as e:
+            raise Fatal(f"{path} is damaged ({damage}) and cannot be moved aside: {reason(e)}") from None
 
 
 def path_text(path: str | os.PathLike) -> str:

@@ -703,6 +703,12 @@ def test_an_unreadable_file_named_like_a_token_file_is_moved_aside_not_deleted(
     assert _encode("--model", model_dir, "--out", out, data / "wds" / "00000.tar", *tokens) == 1
     assert (out / "00000.safetensors.damaged").read_bytes() == pointer
     assert (out / "00000.safetensors").is_file() == bool(tokens)
+    # redone: a second such file is moved aside beside the first, not over it
+    (out / "00000.parquet").unlink()
+    (out / "00000.safetensors").write_bytes(b"second")
+    assert _encode("--model", model_dir, "--out", out, data / "wds" / "00000.tar", *tokens) == 1
+    assert (out / "00000.safetensors.damaged").read_bytes() == pointer
+    assert (out / "00000.safetensors.damaged.1").read_bytes() == b"second"
 
 
 def test_run_as_a_module_an_error_of_the_shard_code_is_one_line(model_dir, data, tmp_path):

@@ -24,6 +24,7 @@ from .common import (
     per_frame,
     refuse_dropout,
     require,
+    resample_of,
     split_prefix,
     square,
 )
@@ -70,6 +71,7 @@ def config_from_hf(
         pos_embed_jitter=cfg.get("pos_embed_jitter"),
         pos_embed_rescale=cfg.get("pos_embed_rescale", 2.0),
         drop_path_rate=float(drop_path),
+        resample=resample_of(preprocessor, "bilinear"),
         **image_stats(preprocessor, IMAGENET_STATS),
     ).validate()
 
