@@ -1506,15 +1506,30 @@ def _setting(action: argparse.Action, value: Any) -> Any:
     if action.choices is not None and value not in action.choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, action.choices))}, got {value!r}")
     if action.type is _parse_layers:
-        value = [value] if isinstance(value, int) else value
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
+        layers = [value] if _is_int(value) else value
+        if not isinstance(layers, (list, tuple)) or not all(_is_int(v) for v in layers):
             raise ValueError(f"layers must be an int or a list of ints, got {value!r}")
+        return list(layers)
+    if action.type is _parse_names:
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"{name} must be a list of column names, got {value!r}")
+        return list(names)
+    if action.nargs == 2:  # --size H W
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_int(v) for v in value):
+            raise ValueError(f"{name} must be a pair of integers, got {value!r}")
         return list(value)
-    if action.type is _positive_int and not (
-        isinstance(value, int) and not isinstance(value, bool) and value > 0
-    ):
+    if action.type is _positive_int and not (_is_int(value) and value > 0):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if action.type is int and not _is_int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if action.type is float and not (_is_int(value) or isinstance(value, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
     return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def main(argv: list[str] | None = None) -> int:

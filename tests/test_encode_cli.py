@@ -144,6 +144,32 @@ def test_a_folder_that_cannot_be_listed_stops_the_search(folder, monkeypatch):
         find_images([folder])
 
 
+def test_settings_given_from_python_are_checked_as_the_command_line_checks_them():
+    from packvit_native.cli import encode_args
+
+    args = encode_args(
+        size=(224, 224), keep_columns="a,b", layers=-2, gpus_per_worker=0.5, max_decoded_pixels=None
+    )
+    assert (args.size, args.keep_columns, args.layers, args.gpus_per_worker) == (
+        [224, 224],
+        ["a", "b"],
+        [-2],
+        0.5,
+    )
+    assert args.max_decoded_pixels is None  # None leaves an option unset: here, no limit
+    refused = {
+        "size": (224, "a pair of integers"), "min_pixels": ("1000", "an integer"), "gpus_per_worker": ("1", "a number"),
+        "layers": (True, "an int or a list of ints"), "max_tokens": (0, "a positive integer"),
+        "tokens": (1, "True or False"), "resample": ("nearest", "one of 'bilinear', 'bicubic'"),
+        "keep_columns": ([1], "a list of column names"),
+    }  # fmt: skip
+    for name, (value, message) in refused.items():
+        with pytest.raises(ValueError, match=f"{name} must be {message}"):
+            encode_args(**{name: value})
+    with pytest.raises(TypeError, match="unknown encode settings: bogus"):
+        encode_args(bogus=1)
+
+
 def test_graphs_need_a_cuda_device(tiny_reference, folder, tmp_path, capsys):
     out = tmp_path / "features"
     assert _encode("--model", tiny_reference("dinov3", "gelu"), "--out", out, folder, "--graphs") == 2
