@@ -234,6 +234,8 @@ def load_state_dict(
     """
     # transformers' order: model.safetensors before an index, which its save_pretrained leaves behind when a
     # sharded checkpoint is saved again unsharded into the same folder (and the other way round).
+    if fetch is not None and any(path.glob("*.safetensors.index.json")):
+        fetch(["model.safetensors"])  # a hub checkpoint's, if it has one: only configs are here yet
     indexes = [] if (path / "model.safetensors").is_file() else sorted(path.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         raise ConversionError(f"{path} holds several shard indexes: {[i.name for i in indexes]}")
