@@ -46,6 +46,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 import queue
 import sys
@@ -148,9 +149,9 @@ def find_images(inputs: Iterable[str | os.PathLike], out: Path | None = None) ->
     return items
 
 
-# The longest suffix an output of an image gets (".safetensors.damaged", for a damaged one moved aside), and
-# the longest file name file systems allow.
-_LONGEST_SUFFIX, _NAME_MAX = len(".safetensors.damaged"), 255
+# The longest suffix an output of an image gets (".safetensors.damaged.N", for the N-th damaged one moved
+# aside, room left for 3 digits), and the longest file name file systems allow.
+_LONGEST_SUFFIX, _NAME_MAX = len(".safetensors.damaged.999"), 255
 
 
 def _storable(name: str) -> str:
@@ -351,9 +352,10 @@ def part_names(metadata: dict[str, str]) -> list[str]:
 
 
 def _source(item: Item) -> str:
-    """The image an output records: its absolute path, links resolved, so that a rerun given the folder by
-    another path (relative, absolute, through a link) still recognises it."""
-    return path_text(item.path.resolve())
+    """The image an output records: its absolute path with the folder's links resolved, so that a rerun given
+    the folder by another path (relative, absolute, through a link) still recognises it. A link that is the
+    image itself is kept as a name: re-pointed (git-annex, DVC), it is the same image, changed."""
+    return path_text(item.path.parent.resolve() / item.path.name)
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -1505,13 +1507,18 @@ def _setting(action: argparse.Action, value: Any) -> Any:
         return value
     if action.choices is not None and value not in action.choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, action.choices))}, got {value!r}")
+    if isinstance(value, str) and action.type in (_parse_layers, _parse_names):
+        try:
+            return action.type(value)  # the command line's own text, e.g. layers="-2,-1"
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{name}: {e}") from None
     if action.type is _parse_layers:
         layers = [value] if _is_int(value) else value
         if not isinstance(layers, (list, tuple)) or not all(_is_int(v) for v in layers):
             raise ValueError(f"layers must be an int or a list of ints, got {value!r}")
         return list(layers)
     if action.type is _parse_names:
-        names = value.split(",") if isinstance(value, str) else value
+        names = value
         if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"{name} must be a list of column names, got {value!r}")
         return list(names)
@@ -1523,13 +1530,15 @@ def _setting(action: argparse.Action, value: Any) -> Any:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if action.type is int and not _is_int(value):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    if action.type is float and not (_is_int(value) or isinstance(value, float)):
+    if action.type is float and not (isinstance(value, numbers.Real) and not isinstance(value, bool)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    return value
+    return (
+        int(value) if action.type in (int, _positive_int) else float(value) if action.type is float else value
+    )
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def main(argv: list[str] | None = None) -> int:

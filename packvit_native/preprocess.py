@@ -35,6 +35,7 @@ PIL rounds to 8 bits after resizing). No step loops over pixels in Python.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -205,6 +206,8 @@ def decode(
     Raises ``ValueError`` if it is unreadable or declares more than ``max_decoded_pixels`` pixels (``None``: no
     limit of ours), which is checked from the header before anything is decoded.
     """
+    if not isinstance(source, (str, os.PathLike)) and not (hasattr(source, "seekable") and source.seekable()):
+        source = io.BytesIO(source.read())  # read again if Pillow's limit must be lifted for it
     try:
         try:
             return _decoded(source, mode, max_decoded_pixels)
@@ -213,7 +216,7 @@ def decode(
             if pixels is None or (max_decoded_pixels is not None and int(pixels[1]) > max_decoded_pixels):
                 raise ValueError(_over_limit(pixels[1], max_decoded_pixels) if pixels else str(e)) from None
         if not isinstance(source, (str, os.PathLike)):
-            source.seek(0)
+            source.seek(0)  # seekable: made so below
         with _PILLOW_LIMIT:  # within our limit: opened again with Pillow's check lifted for this image alone
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:

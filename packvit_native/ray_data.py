@@ -112,7 +112,7 @@ def check_cluster(args: argparse.Namespace, device: torch.device) -> None:
     if device.type == "cuda" and not gpus:
         raise Fatal("the Ray cluster has no GPU; pass --gpus-per-worker 0 to run the model on CPUs")
     if device.type == "cpu":
-        if args.workers >= cpus:
+        if args.workers + 1 > cpus:
             raise Fatal(
                 f"{args.workers} model workers on CPUs would hold all {cpus:g} CPUs of the Ray cluster, and no "
                 f"CPU would be left to read and decode images; use at most {max(int(cpus) - 1, 0)} (--workers)"

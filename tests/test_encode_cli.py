@@ -168,6 +168,40 @@ def test_settings_given_from_python_are_checked_as_the_command_line_checks_them(
             encode_args(**{name: value})
     with pytest.raises(TypeError, match="unknown encode settings: bogus"):
         encode_args(bogus=1)
+    # the command line's own text, and numpy scalars, as a caller computing them passes them
+    args = encode_args(
+        layers="-2,-1", keep_columns="a,", max_tokens=np.int64(512), gpus_per_worker=np.float32(0.5)
+    )
+    assert (args.layers, args.keep_columns, args.max_tokens, args.gpus_per_worker) == (
+        [-2, -1],
+        ["a"],
+        512,
+        0.5,
+    )
+
+
+def test_an_image_that_is_a_link_repointed_is_encoded_again(tiny_reference, tmp_path, capsys):
+    """A folder of links into a store (git-annex, DVC): a link re-pointed to a new version is that image,
+    changed, not another image of the same name."""
+    src, out, folder, store = (
+        tiny_reference("dinov3", "gelu"),
+        tmp_path / "out",
+        tmp_path / "images",
+        tmp_path / "store",
+    )
+    folder.mkdir()
+    store.mkdir()
+    for version, value in (("v1", 90), ("v2", 30)):
+        Image.fromarray(np.full((20, 28, 3), value, np.uint8)).save(store / f"{version}.png")
+    (folder / "cat.png").symlink_to(store / "v1.png")
+    assert _encode("--model", src, "--out", out, folder) == 0
+    (folder / "cat.png").unlink()
+    (folder / "cat.png").symlink_to(store / "v2.png")
+    capsys.readouterr()
+    assert _encode("--model", src, "--out", out, folder) == 0
+    assert (
+        "cat.png changed since cat.safetensors was made from it; encoding it again" in capsys.readouterr().err
+    )
 
 
 def test_graphs_need_a_cuda_device(tiny_reference, folder, tmp_path, capsys):
@@ -306,7 +340,7 @@ def test_an_image_named_near_the_file_name_limit_is_stored_under_a_shortened_nam
     src, out = tiny_reference("dinov3", "gelu"), tmp_path / "out"
     assert _encode("--model", src, "--out", out, images.parent, "--preview") == 0
     names = {p.name for p in (out / "sub").iterdir()} - {"z.safetensors", "z.pca.png"}
-    short = f"{stem[:72]}~"  # the start that fits (216 of 218 bytes), then a hash of the whole name
+    short = f"{stem[:71]}~"  # the start that fits (213 of 214 bytes), then a hash of the whole name
     assert len(names) == 2 and all(n.startswith(short) and len(n.encode()) <= 255 for n in names)
     (features,) = (n for n in names if n.endswith(".safetensors"))
     with safe_open(out / "sub" / features, "pt") as f:

@@ -1,5 +1,6 @@
 """pv.preprocess against transformers' own image processors (PIL backends), plus its other input kinds."""
 
+import io
 import os
 import subprocess
 import sys
@@ -221,7 +222,22 @@ def test_the_decoded_pixel_limit_is_ours_whatever_pillows_is(tmp_path, monkeypat
     assert pv.preprocess(tmp_path / "big.png", config, max_decoded_pixels=7000)[1].tolist() == [[1, 4, 6]]
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     assert pv.preprocess(tmp_path / "big.png", config, max_decoded_pixels=None)[1].tolist() == [[1, 4, 6]]
-    assert Image.MAX_IMAGE_PIXELS == 1000  # lifted for that image alone
+    assert Image.MAX_IMAGE_PIXELS == 1000  # lifted while that image was opened
+
+    class Unseekable(io.RawIOBase):  # a pipe or socket: read once, never rewound
+        def __init__(self, data: bytes) -> None:
+            self.data = io.BytesIO(data)
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            return self.data.readinto(buffer)
+
+    from packvit_native.preprocess import decode
+
+    stream = Unseekable((tmp_path / "big.png").read_bytes())
+    assert decode(stream, max_decoded_pixels=None).size == (100, 60)
 
 
 def test_smart_size_keeps_the_pixel_budget_at_extreme_aspect_ratios():

@@ -241,7 +241,7 @@ def load_state_dict(
         raise ConversionError(f"{path} holds several shard indexes: {[i.name for i in indexes]}")
     if indexes:
         return _load_sharded(path, indexes[0], select, fetch)
-    if fetch is not None:
+    if fetch is not None and not (path / "model.safetensors").is_file():
         fetch(["*.safetensors"])
     files = sorted(path.glob("*.safetensors"))
     if (path / "model.safetensors").is_file():  # beside other formats' files (e.g. open_clip's), this one
