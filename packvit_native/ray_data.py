@@ -110,13 +110,16 @@ def check_cluster(args: argparse.Namespace, device: torch.device) -> None:
     resources = _ray().cluster_resources()
     gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
     if device.type == "cuda" and not gpus:
-        raise Fatal("the Ray cluster has no GPU; pass --gpus-per-worker 0 to run the model on CPUs")
+        raise Fatal(
+            "the Ray cluster has no GPU now (an autoscaler adding GPU nodes only once asked cannot be told apart "
+            "here); pass --gpus-per-worker 0 (gpus_per_worker=0) to run the model on CPUs"
+        )
     if device.type == "cpu":
         if args.workers + 1 > cpus:
             raise Fatal(
                 f"{args.workers} model workers on CPUs would hold all {cpus:g} CPUs of the Ray cluster, and no "
-                f"CPU would be left to read and decode images; use at most {max(int(cpus) - 1, 0)} (--workers)"
-                + ("" if cpus >= 2 else ": encoding on CPUs needs a cluster of 2 CPUs or more")
+                f"CPU would be left to read and decode images; use at most {max(int(cpus) - 1, 0)} (--workers, "
+                "workers=)" + ("" if cpus >= 2 else ": encoding on CPUs needs a cluster of 2 CPUs or more")
             )
         check_device(args, device)  # the driver runs the same software as the actors it starts
 

@@ -158,7 +158,10 @@ def expand_braces(pattern: str) -> list[str]:
     shell does: ``data/{0..1}-{a,b}.tar`` -> ``data/0-a.tar, data/0-b.tar, data/1-a.tar, data/1-b.tar``.
     ``ValueError`` for a malformed brace or a pattern naming more than ``MAX_EXPANDED`` paths (found while
     expanding lazily, before more than that many are built)."""
-    paths = list(itertools.islice(_expand(pattern), MAX_EXPANDED + 1))
+    try:
+        paths = list(itertools.islice(_expand(pattern), MAX_EXPANDED + 1))
+    except RecursionError:  # each brace is one level of the expansion
+        raise ValueError(f"{pattern[:80]}...: too many braces in one pattern") from None
     if len(paths) > MAX_EXPANDED:
         raise ValueError(f"{pattern}: names more than {MAX_EXPANDED:,} paths; split the run")
     return paths

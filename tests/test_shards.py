@@ -76,6 +76,8 @@ def test_expand_braces_refuses_a_pattern_naming_too_many_paths():
         with pytest.raises(ValueError, match="names more than 1,000,000 paths; split the run"):
             shards.expand_braces(pattern)
     assert len(shards.expand_braces(f"{{1..{shards.MAX_EXPANDED}}}")) == shards.MAX_EXPANDED
+    with pytest.raises(ValueError, match="too many braces in one pattern"):
+        shards.expand_braces("{a,b}" * 1500)
 
 
 def test_webdataset_shards_match_the_single_image_path(model_dir, data, tmp_path, capsys):
