@@ -82,13 +82,19 @@ def _host() -> str:
 _STEM_BYTES = 160
 
 
+def fit_name(name: str, max_bytes: int) -> str:
+    """``name`` if it holds at most ``max_bytes`` bytes, else its start and a hash of the whole in that many:
+    a distinct name for each long one, still recognisable."""
+    raw = name.encode(errors="surrogateescape")
+    if len(raw) <= max_bytes:
+        return name
+    start = raw[: max_bytes - 17].decode(errors="ignore")  # whole characters only
+    return f"{start}~{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
 def _stem(name: str) -> str:
     """``name``, or for a name too long to fit in a temporary name, its start and a hash of the whole."""
-    raw = name.encode(errors="surrogateescape")
-    if len(raw) <= _STEM_BYTES:
-        return name
-    start = raw[: _STEM_BYTES - 17].decode(errors="ignore")  # whole characters only
-    return f"{start}~{hashlib.sha256(raw).hexdigest()[:16]}"
+    return fit_name(name, _STEM_BYTES)
 
 
 def _shortened(stem: str) -> bool:

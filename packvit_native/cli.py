@@ -157,13 +157,8 @@ _LONGEST_SUFFIX, _NAME_MAX = len(".safetensors.damaged.999"), 255
 def _storable(name: str) -> str:
     """``name`` with its last part shortened to its start and a hash of the whole where that part and an
     output's suffix would not fit in a file name (the ``source`` in each output names the image)."""
-    folder, _, last = name.rpartition("/")
-    raw = last.encode()
-    if len(raw) + _LONGEST_SUFFIX <= _NAME_MAX:
-        return name
-    start = raw[: _NAME_MAX - _LONGEST_SUFFIX - 17].decode(errors="ignore")
-    short = f"{start}~{hashlib.sha256(raw).hexdigest()[:16]}"
-    return f"{folder}/{short}" if folder else short
+    folder, slash, last = name.rpartition("/")
+    return folder + slash + atomic.fit_name(last, _NAME_MAX - _LONGEST_SUFFIX)
 
 
 def _image_files(folder: Path, out: Path | None) -> list[Path]:

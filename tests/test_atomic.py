@@ -97,10 +97,9 @@ def test_failing_fill_leaves_the_previous_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_kill_between_the_fallback_renames_is_undone_by_the_next_run(tmp_path, monkeypatch):
-    """Where the folders cannot be swapped in one step, a kill between the two renames leaves the old folder
-    aside; the next call puts it back before doing anything else."""
-    out = tmp_path / "out"
+def _killed_between_the_renames(out, monkeypatch) -> None:
+    """Write folder ``out`` ("a"), then replace it ("b") where folders cannot be swapped in one step, killed
+    after the old folder was renamed aside and before the new one took its place."""
     atomic.replace_dir(out, _fill("a"))
     monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     real_rename = os.rename
@@ -114,6 +113,13 @@ def test_kill_between_the_fallback_renames_is_undone_by_the_next_run(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         atomic.replace_dir(out, _fill("b"), force=True)
     monkeypatch.setattr(atomic.os, "rename", real_rename)
+
+
+def test_kill_between_the_fallback_renames_is_undone_by_the_next_run(tmp_path, monkeypatch):
+    """Where the folders cannot be swapped in one step, a kill between the two renames leaves the old folder
+    aside; the next call puts it back before doing anything else."""
+    out = tmp_path / "out"
+    _killed_between_the_renames(out, monkeypatch)
     (aside,) = tmp_path.glob(".out.*.aside")
     assert not out.exists() and aside.is_dir()
     atomic.remove_stale(tmp_path, "out")
@@ -132,19 +138,7 @@ def test_names_too_long_for_a_temporary_name_are_written(tmp_path, monkeypatch):
     atomic.write_files([(tmp_path / (name[:-12] + ".parquet"), lambda tmp: tmp.write_text("y"))])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, name[:-12] + ".parquet"])
     out = tmp_path / ("d" * 250)
-    atomic.replace_dir(out, _fill("a"))
-    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
-    real_rename = os.rename
-
-    def killed_after_first_rename(src, dst):
-        real_rename(src, dst)
-        if str(dst).endswith(".aside"):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(atomic.os, "rename", killed_after_first_rename)
-    with pytest.raises(KeyboardInterrupt):
-        atomic.replace_dir(out, _fill("b"), force=True)
-    monkeypatch.setattr(atomic.os, "rename", real_rename)
+    _killed_between_the_renames(out, monkeypatch)
     monkeypatch.setattr(atomic, "_pid_alive", lambda pid: False)
     assert atomic.remove_stale(tmp_path) == [] and not out.exists()  # nameless: which folder is unknown
     atomic.replace_dir(out, _fill("c"), force=True)  # names it: the old folder is put back, then replaced

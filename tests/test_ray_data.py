@@ -212,9 +212,8 @@ def test_what_would_wait_forever_or_fail_in_every_actor_is_refused_up_front(mode
     for settings, message in refused:
         with pytest.raises(ValueError, match=message):
             encode_dataset(ds, str(model_dir), **settings)
-    assert encode_args(model=str(model_dir), layers=-2).layers == [
-        -2
-    ]  # an int, as the command line's --layers=-2
+    layers = encode_args(model=str(model_dir), layers=-2).layers  # an int, as the command line's --layers=-2
+    assert layers == [-2]
     write_webdataset(tmp_path / "wds", shards=1, per_shard=2)
     common = [
         "--model",
