@@ -27,6 +27,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -320,7 +321,13 @@ def check_placeable(out: Path) -> None:
         )
 
 
-def replace_dir(out: Path, fill: Callable[[Path], None], *, force: bool = False) -> Path:
+def replace_dir(
+    out: Path,
+    fill: Callable[[Path], None],
+    *,
+    force: bool = False,
+    not_replaceable: Callable[[Path], str | None] | None = None,
+) -> Path:
     """Create (or with ``force`` replace) folder ``out`` with what ``fill(tmp)`` writes into an empty folder.
 
     The folder is complete and flushed before it appears under ``out``. Replacing swaps the two folders in one
@@ -329,8 +336,14 @@ def replace_dir(out: Path, fill: Callable[[Path], None], *, force: bool = False)
     for ``out`` puts it back (see :func:`remove_stale`). A symbolic link to a folder is followed: the folder it
     points to is replaced and the link kept.
 
+    ``not_replaceable(folder)`` says why a folder may not be replaced (``None``: it may). It is asked again of
+    the folder that was swapped out, since files may have been added to it while the new folder was written:
+    if it now refuses, the folder is swapped back and the new one removed. Parent folders this call created
+    are removed again when it fails.
+
     Raises:
-        FileExistsError: ``out`` exists and ``force`` is not set, or ``out`` is not a folder.
+        FileExistsError: ``out`` exists and ``force`` is not set, ``out`` is not a folder, or
+            ``not_replaceable`` refused the folder found at ``out`` when the new one was put in place.
         OSError: no folder can be put at ``out`` (see :func:`check_placeable`), or writing failed.
     """
     out = Path(out)
@@ -341,33 +354,64 @@ def replace_dir(out: Path, fill: Callable[[Path], None], *, force: bool = False)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists")
     check_placeable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out.parent, out.name)
-    tmp = out.parent / temp_name(out.name)
-    tmp.mkdir(mode=0o700)
+    created = [parent for parent in reversed(out.parents) if not parent.exists()]
     try:
-        with _locked(tmp):
-            _fill_and_place(tmp, out, fill, force)
-    finally:
-        if tmp.exists():
-            _remove_tree(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out.parent, out.name)
+        tmp = out.parent / temp_name(out.name)
+        tmp.mkdir(mode=0o700)
+        try:
+            with _locked(tmp):
+                _fill_and_place(tmp, out, fill, force, not_replaceable)
+        finally:
+            if tmp.exists():
+                _remove_tree(tmp)
+    except BaseException:
+        for parent in reversed(created):  # deepest first; one that holds anything now is someone's: kept
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
     return out
 
 
-def _fill_and_place(tmp: Path, out: Path, fill: Callable[[Path], None], force: bool) -> None:
+def _fill_and_place(
+    tmp: Path,
+    out: Path,
+    fill: Callable[[Path], None],
+    force: bool,
+    not_replaceable: Callable[[Path], str | None] | None,
+) -> None:
     fill(tmp)
     for f in tmp.iterdir():
         _fsync(f)
         os.chmod(f, new_file_mode())
-    os.chmod(tmp, new_dir_mode())
+    # A setgid bit inherited from the parent (a group-shared folder) is kept, as mkdir keeps it.
+    os.chmod(tmp, new_dir_mode() | (os.stat(tmp).st_mode & stat.S_ISGID))
     _fsync(tmp)
     # From here the new folder is complete: once it is in place the call succeeds, Ctrl-C or not, and a
     # failure to remove the old folder leaves a stale temporary for a later run, not an error.
     with _ctrl_c_deferred(f"{out} was written in full before the interrupt"):
         old = _place(tmp, out, force)
+        if old is not None and not_replaceable is not None and (reason := not_replaceable(old)):
+            _put_back(old, out)
+            raise FileExistsError(
+                f"{out} {reason}: files were added to it while the new one was being written; it is left as "
+                "it was"
+            )
         _fsync(out.parent)
         if old is not None:
             _remove_tree(old)
+
+
+def _put_back(old: Path, out: Path) -> None:
+    """Undo :func:`_place`: the previous folder ``old`` goes back to ``out``, the new one is removed."""
+    if not _exchange(old, out):
+        new = out.parent / temp_name(out.name, "undone")
+        os.rename(out, new)
+        os.rename(old, out)
+        old = new
+    _fsync(out.parent)
+    _remove_tree(old)  # the new folder now
 
 
 def _place(tmp: Path, out: Path, force: bool) -> Path | None:

@@ -117,6 +117,14 @@ def _not_replaceable_or_write_error(out: Path) -> str | None:
         raise CheckpointWriteError(f"{out}: cannot read the folder to replace: {e.strerror or e}") from None
 
 
+def _not_replaceable_now(out: Path) -> str | None:
+    """:func:`not_replaceable`, asked again of the folder swapped out: one that cannot be read is kept."""
+    try:
+        return not_replaceable(out)
+    except OSError as e:
+        return f"could not be read again before removing it ({e.strerror or e})"
+
+
 def _is_shard(t: Tensor) -> bool:
     if not torch.distributed.is_available():
         return False
@@ -143,7 +151,10 @@ def save_native(
             ``CheckpointError`` and an ``OSError``, whose message names ``out_dir``, not the temporary folder
             the failure happened in.
     """
-    out = Path(out_dir).expanduser()
+    try:
+        out = Path(out_dir).expanduser()
+    except RuntimeError as e:  # "~user" of no such user
+        raise CheckpointWriteError(f"{out_dir}: {e}") from None
     sharded = [k for k, v in state.items() if _is_shard(v)]
     if sharded:
         raise ValueError(
@@ -172,7 +183,7 @@ def save_native(
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
     try:
-        return replace_dir(out, fill, force=force)
+        return replace_dir(out, fill, force=force, not_replaceable=_not_replaceable_now)
     except FileExistsError:
         raise
     except OSError as e:  # the failing path is a temporary sibling the user never asked for: name out_dir

@@ -315,10 +315,17 @@ class Packing:
         device = torch.device(device)
         grid = validate_grid_thw(grid_thw)
         check_merge_size(grid, merge_size)
-        if not isinstance(window_size, int) or window_size < 0 or window_size % merge_size:
+        if (
+            not isinstance(window_size, int)
+            or isinstance(window_size, bool)
+            or window_size < 0
+            or (window_size % merge_size)
+        ):
             raise ValueError(
                 f"window_size must be a non-negative multiple of merge_size, got {window_size!r}"
             )
+        if not isinstance(num_prefix, int) or isinstance(num_prefix, bool) or num_prefix < 0:
+            raise ValueError(f"num_prefix must be a non-negative integer, got {num_prefix!r}")
         if window_size and num_prefix:
             raise ValueError("attention windows and prefix tokens cannot be combined")
         frame_sizes = tuple((h, w) for t, h, w in grid for _ in range(t))
@@ -349,30 +356,33 @@ class Packing:
             host["block_rows"] = np.empty_like(order)
             host["block_rows"][order] = np.arange(len(order), dtype=np.int64)
             host["windows"] = _boundaries(np.array(window_lengths, dtype=np.int64))
-        # Everything is computed here and sent in one small transfer (about 40 bytes per patch).
-        dev = _to_device_together(host, device)
+        # Everything is computed here and sent in one small transfer (about 40 bytes per patch). Tensors made in
+        # inference mode could never be saved for a backward: a packing kept by the model and built in an
+        # inference-mode forward would break every later training step over batches of the same sizes.
+        with torch.inference_mode(False):
+            dev = _to_device_together(host, device)
 
-        def segments(name: str, lengths: tuple[int, ...]) -> Segments:
-            return Segments(dev[name], max(lengths), lengths, torch.from_numpy(host[name]))
+            def segments(name: str, lengths: tuple[int, ...]) -> Segments:
+                return Segments(dev[name], max(lengths), lengths, torch.from_numpy(host[name]))
 
-        return cls(
-            grid=grid,
-            frame_sizes=frame_sizes,
-            num_prefix=num_prefix,
-            frames=segments("frames", tuple(n + num_prefix for n in patch_lengths)),
-            frame_patches=segments("frame_patches", patch_lengths),
-            windows=segments("windows", window_lengths) if window_size else None,
-            patch_rows=dev.get("patch_rows"),
-            prefix_rows=dev.get("prefix_rows"),
-            block_order=dev.get("block_order"),
-            block_rows=dev.get("block_rows"),
-            patch_coords=dev["coords"],
-            patch_segment=dev["segment"],
-            distinct_sizes=distinct,
-            size_table_rows=dev["size_table_rows"],
-            merge_size=merge_size,
-            window_size=window_size,
-        )
+            return cls(
+                grid=grid,
+                frame_sizes=frame_sizes,
+                num_prefix=num_prefix,
+                frames=segments("frames", tuple(n + num_prefix for n in patch_lengths)),
+                frame_patches=segments("frame_patches", patch_lengths),
+                windows=segments("windows", window_lengths) if window_size else None,
+                patch_rows=dev.get("patch_rows"),
+                prefix_rows=dev.get("prefix_rows"),
+                block_order=dev.get("block_order"),
+                block_rows=dev.get("block_rows"),
+                patch_coords=dev["coords"],
+                patch_segment=dev["segment"],
+                distinct_sizes=distinct,
+                size_table_rows=dev["size_table_rows"],
+                merge_size=merge_size,
+                window_size=window_size,
+            )
 
     # Earlier names of the two frame segmentations and of to_blocks, kept for code written against them.
     @property

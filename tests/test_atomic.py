@@ -402,3 +402,56 @@ def test_files_written_together_appear_together_under_the_folders_lock(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["00000.parquet", "00000.safetensors"]
     with pytest.raises(ValueError, match="share one folder"):
         atomic.write_files([(folder / "a", lambda tmp: None), (tmp_path / "b", lambda tmp: None)])
+
+
+def _refuse_notes(folder):
+    return "holds NOTES.md" if (folder / "NOTES.md").exists() else None
+
+
+@pytest.mark.parametrize("existed", [True, False])
+def test_files_added_while_writing_are_never_deleted(tmp_path, existed):
+    """A file written into OUT while the new folder is being filled (or OUT made then, holding one) keeps
+    the folder it is in: the swap is undone and the call fails, naming what was added."""
+    out = tmp_path / "out"
+    if existed:
+        atomic.replace_dir(out, _fill("a"))
+
+    def fill_while_someone_writes(folder):
+        _fill("b")(folder)
+        out.mkdir(exist_ok=True)
+        (out / "NOTES.md").write_text("mine")
+
+    with pytest.raises(FileExistsError, match=r"NOTES\.md.*left as it was"):
+        atomic.replace_dir(out, fill_while_someone_writes, force=True, not_replaceable=_refuse_notes)
+    assert (out / "NOTES.md").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == (
+        ["NOTES.md", "config.json", "model.bin"] if existed else ["NOTES.md"]
+    )
+    if existed:
+        assert (out / "config.json").read_text() == "a"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the new folder is removed
+    atomic.replace_dir(
+        tmp_path / "other", _fill("c"), force=True, not_replaceable=_refuse_notes
+    )  # a plain write
+
+
+def test_a_failed_write_removes_the_parent_folders_it_made(tmp_path):
+    (tmp_path / "a").mkdir()
+
+    def disk_full(folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic.replace_dir(tmp_path / "a" / "b" / "c" / "out", disk_full)
+    assert [p.name for p in tmp_path.iterdir()] == ["a"] and not any((tmp_path / "a").iterdir())
+
+
+def test_a_group_shared_parent_keeps_its_setgid_bit(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    (shared / "probe").mkdir()
+    if not (shared / "probe").stat().st_mode & 0o2000:
+        pytest.skip("this file system does not pass a folder's setgid bit on to new folders")
+    atomic.replace_dir(shared / "out", _fill("a"))
+    assert (shared / "out").stat().st_mode & 0o2000

@@ -78,3 +78,20 @@ def test_two_tower_check_prints_only_its_table(transformers_warnings, capsys):
     assert "PASS" in captured.out and captured.err == "", captured.err
     assert "token_id" not in captured.out
     assert [r.getMessage() for r in transformers_warnings] == []
+
+
+def test_a_checkpoint_transformers_cannot_load_is_exit_2(tiny_reference, tmp_path, capsys):
+    """packvit-convert reads a lone .pth; transformers does not, so the check says so in one line."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    src = Path(shutil.copytree(tiny_reference("dinov3", "gelu"), tmp_path / "src"))
+    torch.save(load_file(src / "model.safetensors"), src / "weights.pth")
+    (src / "model.safetensors").unlink()
+    assert check_main([str(src)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"packvit-check: error: {src}: transformers cannot load it") and err.count("\n") == 1
+    )

@@ -553,3 +553,32 @@ def test_a_pickle_that_is_not_plain_weights_is_one_line(broken, tmp_path, capsys
     assert err.startswith(f"packvit-convert: error: {src / 'pytorch_model.bin'} {problem}"), err
     assert err.count("\n") == 1 and "\x1b" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_written_checkpoint_is_exit_0_even_where_the_report_cannot_be_printed(tiny_reference, tmp_path):
+    """OUT is in place before the report is printed: stdout on a full disk (or a closed pipe) changes nothing."""
+    src = tiny_reference("dinov3", "gelu")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open("/dev/full", "w") as full:
+        run = subprocess.run(
+            [sys.executable, "-m", "weights_convert.cli", str(src), str(tmp_path / "out")],
+            stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=300,
+        )  # fmt: skip
+    assert (run.returncode, run.stderr) == (0, "")
+    assert pv.from_pretrained(tmp_path / "out") is not None
+
+
+def test_link_loops_and_unknown_homes_are_one_line(tiny_reference, tmp_path, capsys):
+    src = Path(shutil.copytree(tiny_reference("dinov3", "gelu"), tmp_path / "src"))
+    (src / "loop").symlink_to("loop")  # a stray link of no use to the checkpoint
+    out = tmp_path / "out"
+    assert convert_cli([str(src), str(out)]) == 0
+    assert (
+        convert_cli([str(src), str(out), "--force"]) == 0
+    )  # the loop is no file the checkpoint is read from
+    (tmp_path / "looped").symlink_to("looped")
+    for bad, match in ((tmp_path / "looped", "looped"), ("~no-such-user-here/out", "no-such-user-here")):
+        capsys.readouterr()
+        assert convert_cli([str(src), str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("packvit-convert: error: ") and err.count("\n") == 1 and match in err

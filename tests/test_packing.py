@@ -221,3 +221,31 @@ def test_a_checkpoint_replaced_while_being_read_is_read_again(tiny_reference, tm
     config, state = io.load_native(out)
     assert len(calls) == 2 and config == model.config
     assert all(torch.equal(state[k], newer[k]) for k in newer)
+
+
+@pytest.mark.parametrize(
+    ("family", "variant"), [("dinov3", "gelu"), ("siglip2", "default"), ("qwen2_5_vl", "vlm")]
+)
+def test_an_inference_mode_forward_leaves_training_possible(tiny_reference, family, variant):
+    """The model keeps recent packings; one built in an inference-mode forward (an evaluation pass) must serve a
+    later training step or input gradient over the same sizes."""
+    model = pv.from_pretrained(tiny_reference(family, variant), attn_backend="sdpa").eval()
+    grid = [(1, 4, 6), (1, 2, 2)]
+    patches = torch.randn(sum(t * h * w for t, h, w in grid), model.config.patch_dim)
+    with torch.inference_mode():
+        expected = model(patches, grid)
+    pixels = patches.clone().requires_grad_()
+    torch.testing.assert_close(model(pixels, grid), expected)
+    model(pixels, grid).sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    model.train()
+    model(patches, grid).square().mean().backward()
+    assert all(p.grad is not None for p in model.blocks[0].parameters())
+
+
+def test_packing_refuses_prefix_counts_and_windows_that_are_not_counts():
+    for bad in (-1, 3.0, True):
+        with pytest.raises(ValueError, match="num_prefix"):
+            pv.Packing.from_grid([(1, 2, 2)], num_prefix=bad)
+    with pytest.raises(ValueError, match="window_size"):
+        pv.Packing.from_grid([(1, 2, 2)], window_size=True)

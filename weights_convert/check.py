@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
 import packvit_native as pv
@@ -196,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     try:
         return _check(args.src, args.family, variant, args.atol)
-    except CheckpointError as e:
+    except (
+        CheckpointError,
+        OSError,
+        SafetensorError,
+    ) as e:  # OSError: the temporary folder cannot be written
         print(f"packvit-check: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -216,7 +221,14 @@ def _check(src: str | None, family: str, variant: str, atol: float) -> int:
         if dropped:
             print(describe_dropped(dropped))
         out = save_native(Path(tmp) / "converted", config, state)
-        hf_model = load_reference(path)
+        try:
+            hf_model = load_reference(path)
+        except OSError as e:  # transformers' loader: weights it cannot read (a foreign .pth, ...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{path}: transformers cannot load it as the reference model ({first}); packvit-convert may "
+                "still convert it, but this check needs weights transformers reads"
+            ) from None
         model = pv.from_pretrained(out, attn_backend="sdpa", dtype=torch.float32)
         images = parity_images(config)
         rows = compare_with_reference(model, hf_model, images)

@@ -8,10 +8,13 @@ nothing written; 130 interrupted (Ctrl-C), nothing written unless the message sa
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
 from packvit_native.atomic import check_placeable, left_by_other_hosts
+from packvit_native.config import EncoderConfig
 from packvit_native.errors import CheckpointError
 from packvit_native.io import not_replaceable, save_native
 from packvit_native.loading import DTYPES
@@ -43,7 +46,7 @@ def check_out_dir(src: Path, out: Path, force: bool) -> None:
     checkpoint's files link to, as a hub cache's snapshot links into its ``blobs``) would destroy the checkpoint
     being read. Folders are compared by device and inode, so neither a symlink nor a bind mount slips through.
     """
-    out_chain, src_chain = _identities(out.resolve()), _identities(src.resolve())
+    out_chain, src_chain = _identities(_resolved(out)), _identities(_resolved(src))
     if src_chain and out_chain and src_chain[0] == out_chain[0] and out.exists():
         where = "is"
     elif src_chain and src_chain[0] in out_chain:
@@ -56,6 +59,20 @@ def check_out_dir(src: Path, out: Path, force: bool) -> None:
     raise CheckpointError(
         f"{out}: the output folder {where} the source checkpoint {src}; choose an OUT_DIR outside it"
     )
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a link loop, before Python 3.13
+        raise CheckpointError(f"{path}: cannot follow its links ({e})") from None
+
+
+def _expanded(text: str) -> Path:
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as e:  # "~user" of no such user
+        raise CheckpointError(f"{text}: {e}") from None
 
 
 def _identities(path: Path) -> list[tuple[int, int]]:
@@ -74,7 +91,14 @@ def _linked_folders(src: Path) -> set[tuple[int, int]]:
     """Identities of the folders holding the checkpoint's files where they really are (a hub snapshot's entries
     link into its ``blobs``)."""
     files = src.iterdir() if src.is_dir() else [src]
-    return {ident for f in files for ident in _identities(f.resolve().parent)}
+    found = set()
+    for f in files:
+        try:
+            real = f.resolve()
+        except (OSError, RuntimeError):  # a link loop links to no file the checkpoint could be read from
+            continue
+        found.update(_identities(real.parent))
+    return found
 
 
 def check_out_free(out: Path, force: bool) -> None:
@@ -95,9 +119,10 @@ def check_out_free(out: Path, force: bool) -> None:
         )
 
 
-def _convert(args: argparse.Namespace) -> int:
-    args.out_dir = str(Path(args.out_dir).expanduser())  # as from_pretrained reads '~/model', save there
-    local = Path(args.src).expanduser()
+def _convert(args: argparse.Namespace) -> tuple[Path, EncoderConfig, int, dict]:
+    """Convert and write OUT_DIR: (OUT_DIR, config, parameter count, dropped keys)."""
+    args.out_dir = str(_expanded(args.out_dir))  # as from_pretrained reads '~/model', save there
+    local = _expanded(args.src)
     if local.exists():
         check_out_dir(local, Path(args.out_dir), args.force)
     else:
@@ -110,9 +135,13 @@ def _convert(args: argparse.Namespace) -> int:
     except FileExistsError:  # OUT appeared while converting: say it in this command's words
         check_out_free(Path(args.out_dir), args.force)
         raise
-    n = sum(t.numel() for t in state.values())
+    return out, config, sum(t.numel() for t in state.values()), dropped
+
+
+def _report(out: Path, config: EncoderConfig, params: int, dropped: dict) -> None:
     print(
-        f"converted {config.family} ({config.num_layers} layers, width {config.hidden_size}, {n / 1e6:.1f}M params)"
+        f"converted {config.family} ({config.num_layers} layers, width {config.hidden_size}, "
+        f"{params / 1e6:.1f}M params)"
     )
     if dropped:
         print(describe_dropped(dropped))
@@ -123,13 +152,20 @@ def _convert(args: argparse.Namespace) -> int:
             "host, which may still be writing; remove them once it is over",
             file=sys.stderr,
         )
-    return 0
+
+
+def _silence_stdout() -> None:
+    """Send what is still buffered for stdout nowhere: Python flushes it at exit and would fail again."""
+    with contextlib.suppress(OSError, ValueError):  # a stdout with no file behind it has nothing buffered
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _convert(args)
+        written = _convert(args)
     except (CheckpointError, OSError) as e:  # OSError: e.g. FileExistsError, OUT appeared while converting
         print(f"packvit-convert: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -138,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:  # the temporary folder is already gone: replace_dir cleans up on any exception
         print(f"packvit-convert: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    try:  # OUT_DIR is in place: a report that cannot be printed (a closed pipe, a full disk) changes nothing
+        _report(*written)
+    except (OSError, UnicodeError):
+        _silence_stdout()
+    return 0
 
 
 if __name__ == "__main__":
