@@ -282,13 +282,16 @@ def naflex_batch(images: list[torch.Tensor], patch: int) -> dict[str, torch.Tens
 def with_graphs(model: pv.PackedVisionEncoder, batches: list[list[tuple[int, int, int]]], backend: str):
     """A view of ``model`` (same parameters) with CUDA graphs captured for a workload's batches: one budget per
     batch, its tokens rounded up to a multiple of 256 (what a deployment with a known batch shape or size
-    ladder sets), segments up to the longest frame."""
+    ladder sets), segments up to the longest frame; and where every image has one size (a fixed serving
+    resolution), the whole forward of each batch shape."""
     packings = [model.pack(grids) for grids in batches]
     budgets = sorted({-(-p.frames.total // 256) * 256 for p in packings})
     segmentations = [s for p in packings for s in (p.frames, p.windows) if s is not None]
+    one_size = len({g for grids in batches for g in grids}) == 1
     view = copy.copy(model)  # shares parameters and submodules; only the graphs are its own
     return view.capture_graphs(
-        budgets, max_segments=max(len(s.lengths) for s in segmentations),
+        budgets, batches=list({tuple(grids): None for grids in batches}) if one_size else (),
+        max_segments=max(len(s.lengths) for s in segmentations),
         max_seqlen=max(s.max_seqlen for s in segmentations), attn_backend=backend,
     )  # fmt: skip
 

@@ -7,6 +7,7 @@ no masks.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from .attention import resolve_backend
 from .config import EncoderConfig
-from .graphs import BlockGraphs, ModuleSnapshot, StaticBatch
+from .graphs import BatchGraphs, BlockGraphs, ModuleSnapshot, StaticBatch
 from .heads import Merger, build_head
 from .io import save_native
 from .layers import Block, BlockContext, make_norm
@@ -77,6 +78,13 @@ class _Request:
     apply_final_norm: bool | None
     return_prefix: bool
 
+    @property
+    def final_tokens_only(self) -> bool:
+        """Whether the forward returns the normed final patch tokens alone (the default)."""
+        return not (self.return_dict or self.picks is not None or self.return_prefix) and (
+            self.apply_final_norm is not False
+        )
+
 
 class PackedVisionEncoder(nn.Module):
     """A vision transformer that encodes a packed batch of variable-size images in one pass.
@@ -115,6 +123,8 @@ class PackedVisionEncoder(nn.Module):
         self._packings: OrderedDict[tuple, Packing] = OrderedDict()  # recent packings, most recent last
         self._graphs: BlockGraphs | None = None
         self._graph_blocks: ModuleSnapshot | None = None
+        self._batch_graphs: BatchGraphs | None = None
+        self._graph_model: ModuleSnapshot | None = None
 
     @property
     def device(self) -> torch.device:
@@ -154,51 +164,63 @@ class PackedVisionEncoder(nn.Module):
 
     def capture_graphs(
         self,
-        budgets: Sequence[int],
+        budgets: Sequence[int] = (),
         *,
+        batches: Sequence[Tensor | Sequence | np.ndarray] = (),
         max_segments: int = 64,
         max_seqlen: int | None = None,
         attn_backend: str | None = None,
     ) -> PackedVisionEncoder:
-        """Capture the blocks as CUDA graphs at a few token budgets, for small batches and online encoding.
+        """Capture CUDA graphs for small batches and online encoding: the blocks at a few token budgets, and
+        the whole forward for batch shapes that repeat.
 
         A later inference forward (under ``torch.no_grad()`` or ``torch.inference_mode()``, in eval mode) whose
-        batch fits a budget copies its tokens into that budget's buffers, pads the rest with tokens in
-        segments of their own, and replays the graph: one launch for the whole block stack instead of a few
-        hundred. Outputs match the eager forward's (padding never meets real tokens; GEMMs over the padded
-        shape may round differently in bf16). Batches that fit no budget, forwards with gradients enabled
-        (outside ``no_grad``/``inference_mode``: a replay records no autograd history) or that keep
-        intermediate layers (``output_layers``, ``output_hidden_states``, deepstack features) run
-        eagerly. See :mod:`packvit_native.graphs`.
+        ``grid_thw`` is one of ``batches`` and that asks for the final patch tokens alone (no ``return_dict``,
+        ``output_layers``, ``return_prefix`` or ``apply_final_norm=False``) copies its patches in and replays
+        that batch's graph: stem, blocks, final norm and output order in one launch. Otherwise, a batch that
+        fits a budget copies its block-sequence tokens into that budget's buffers, pads the rest with tokens in
+        segments of their own, and replays the block stack with one launch instead of a few hundred. Outputs
+        match the eager forward's (padding never meets real tokens; GEMMs over the padded shape may round
+        differently in bf16). Batches that fit neither, forwards with gradients enabled (outside
+        ``no_grad``/``inference_mode``: a replay records no autograd history) or that keep intermediate layers
+        (``output_layers``, ``output_hidden_states``, deepstack features) run eagerly. See
+        :mod:`packvit_native.graphs`.
 
         Args:
             budgets: token budgets in block-sequence tokens: patches plus each frame's prefix tokens (a
                 448x448 DINOv3-L/16 image is 28 * 28 + 5 = 789). Each budget keeps its activations' memory
-                (shared between budgets); an empty sequence releases the graphs.
-            max_segments: the most frames (and attention windows) a batch may have to use a graph.
-            max_seqlen: the longest frame (or window) in tokens a batch may have to use a graph (default:
-                the budget). The attention kernels are launched for this length, so a bound near the real
-                images' size avoids idle thread blocks.
+                (shared between all graphs).
+            batches: ``grid_thw`` of batch shapes that repeat (a fixed serving resolution: ``[[(1, 28, 28)] *
+                8]`` for eight 448x448 images at patch 16), one whole-forward graph each.
+            max_segments: the most frames (and attention windows) a batch may have to use a budget's graph.
+            max_seqlen: the longest frame (or window) in tokens a batch may have to use a budget's graph
+                (default: the budget). The attention kernels are launched for this length, so a bound near the
+                real images' size avoids idle thread blocks.
             attn_backend: the attention backend the graphs are captured with (default: the model's); a
                 forward with another backend runs eagerly.
 
         Returns:
-            self, for chaining. Capture again after moving or replacing parameters (``.to()``, a new
-            ``state_dict`` loaded in place is fine).
+            self, for chaining. Capture again after moving or replacing parameters (``.to()``; a new
+            ``state_dict`` loaded in place is fine). ``capture_graphs()`` with neither budgets nor batches
+            releases the graphs and their memory.
         """
-        self._graphs, self._graph_blocks = None, None
-        budgets = tuple(budgets)
-        if not budgets:
+        self._graphs, self._graph_blocks, self._batch_graphs, self._graph_model = None, None, None, None
+        budgets, batches = tuple(budgets), tuple(batches)
+        if not budgets and not batches:
             return self
         checked = {"max_segments": max_segments, "max_seqlen": 1 if max_seqlen is None else max_seqlen}
         for name, value in [*checked.items(), *(("budgets entry", b) for b in budgets)]:
             if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        grids = [validate_grid_thw(grid) for grid in batches]
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {self.device}")
         if self.training:
             raise ValueError("capture_graphs is for inference: call model.eval() first")
         backend = resolve_backend(attn_backend or self.attn_backend, self.device)
+        packings = [self.pack(grid) for grid in grids]
+        for packing in packings:
+            self.positions.check_sizes(packing)
         c = self.config
         dtype = self.patch_embed.weight.dtype
         rope = None
@@ -213,8 +235,16 @@ class PackedVisionEncoder(nn.Module):
         # Streams, the memory pool and the capture follow the current device: make it the model's. The buffers
         # are made outside inference mode, so forwards in any mode can copy into them.
         with torch.cuda.device(self.device), torch.inference_mode(False):
-            self._graphs = BlockGraphs.capture(self._all_blocks, budgets, make_batch, backend)
-        self._graph_blocks = ModuleSnapshot(self.blocks)
+            pool = torch.cuda.graph_pool_handle()
+            if budgets:
+                self._graphs = BlockGraphs.capture(self._all_blocks, budgets, make_batch, backend, pool=pool)
+                self._graph_blocks = ModuleSnapshot(self.blocks)
+            if packings:
+                run = functools.partial(self._final_patch_tokens, backend=backend)
+                self._batch_graphs = BatchGraphs.capture(
+                    run, packings, c.patch_dim, dtype, backend, pool=pool
+                )
+                self._graph_model = ModuleSnapshot(self)
         return self
 
     def _all_blocks(self, x: Tensor, ctx: BlockContext) -> Tensor:
@@ -222,17 +252,33 @@ class PackedVisionEncoder(nn.Module):
             x = block(x, ctx)
         return x
 
-    def _replayed(self, x: Tensor, ctx: BlockContext, request: _Request) -> Tensor | None:
-        """The blocks' output from a captured graph, or ``None`` where this forward must run eagerly."""
-        if self._graphs is None or self.training or request.keep or request.depth != self.config.num_layers:
-            return None
-        if torch.is_grad_enabled():  # a replay records no autograd history: blocks would get no gradient
-            return None
-        if self.blocks is not self._graph_blocks.root or not self._graph_blocks.unchanged():
+    def _final_patch_tokens(self, patches: Tensor, packing: Packing, backend: str) -> Tensor:
+        """The default forward's output, all eager: what a batch shape's graph captures."""
+        x, ctx = self.embed(patches, packing, backend)
+        return packing.patch_tokens(packing.to_sequence(self.norm(self._all_blocks(x, ctx))))
+
+    def _replayable(self, snapshot: ModuleSnapshot, root: nn.Module) -> bool:
+        """Whether this forward may replay graphs that read ``root`` as ``snapshot`` saw it."""
+        if self.training or torch.is_grad_enabled():  # a replay records no autograd history
+            return False
+        if snapshot.root is not root or not snapshot.unchanged():
             raise RuntimeError(
                 "the model's parameters were moved or replaced since capture_graphs; call it again"
             )
-        return self._graphs(x, ctx)
+        return True
+
+    def _replayed(self, x: Tensor, ctx: BlockContext, request: _Request) -> Tensor | None:
+        """The blocks' output from a captured graph, or ``None`` where this forward must run eagerly."""
+        if self._graphs is None or request.keep or request.depth != self.config.num_layers:
+            return None
+        return self._graphs(x, ctx) if self._replayable(self._graph_blocks, self.blocks) else None
+
+    def _replayed_batch(self, patches: Tensor, packing: Packing, backend: str) -> Tensor | None:
+        """The forward's output from the graph captured for this batch shape, or ``None``."""
+        graphs = self._batch_graphs
+        if graphs is None or not graphs.serves(packing, backend):
+            return None
+        return graphs(patches, packing) if self._replayable(self._graph_model, self) else None
 
     def patchify(self, images: list[Tensor] | Tensor) -> tuple[Tensor, Tensor]:
         """Images ``[C, H, W]`` (or ``[F, C, H, W]`` clips) -> ``(patches, grid_thw)`` in this model's layout,
@@ -274,9 +320,32 @@ class PackedVisionEncoder(nn.Module):
         """Write ``config.json`` + ``model.safetensors`` (atomically) for :func:`from_pretrained`.
 
         ``state_dict``: the weights to write instead of this model's own, e.g. the full state gathered from an
-        FSDP2-sharded copy of it (whose own state holds only this rank's shards)."""
-        state = self.state_dict() if state_dict is None else state_dict
-        return save_native(out_dir, self.config, state, force=force)
+        FSDP2-sharded copy of it (whose own state holds only this rank's shards). It must hold this model's
+        keys and shapes: anything else is refused before a file is written."""
+        if state_dict is None:
+            return save_native(out_dir, self.config, self.state_dict(), force=force)
+        self._check_state_dict(state_dict)
+        return save_native(out_dir, self.config, state_dict, force=force)
+
+    def _check_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+            raise ValueError("state_dict must be a dict of tensors, as model.state_dict() returns")
+        expected = {k: v.shape for k, v in self.state_dict().items()}  # a shard's shape is the whole tensor's
+        missing, unknown = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+        if missing or unknown:
+            wrapped = {k.split(".", 1)[0] for k in unknown} & {"module", "_orig_mod", "_fsdp_wrapped_module"}
+            hint = f" (keys of a wrapper: strip the {sorted(wrapped)[0]}. prefix)" if wrapped else ""
+            raise ValueError(
+                f"state_dict does not match this model: missing {missing[:5]}, unexpected {unknown[:5]}{hint}"
+            )
+        for key, shape in expected.items():
+            value = state_dict[key]
+            if value.shape != shape:
+                raise ValueError(
+                    f"state_dict: {key} has shape {tuple(value.shape)}, this model's is {tuple(shape)}"
+                )
+            if not value.is_floating_point():
+                raise ValueError(f"state_dict: {key} is {value.dtype}; a checkpoint holds float weights")
 
     def forward(
         self,
@@ -328,6 +397,10 @@ class PackedVisionEncoder(nn.Module):
         )
         packing = self._packing(patches, grid_thw, packing)
         backend = resolve_backend(attn_backend or self.attn_backend, self.device)
+        if request.final_tokens_only:
+            replayed = self._replayed_batch(patches, packing, backend)
+            if replayed is not None:
+                return replayed
         x, ctx = self.embed(patches, packing, backend)
         x, kept = self.run_blocks(x, ctx, request)
         if not request.return_dict:

@@ -9,10 +9,13 @@ by token). Each segmentation keeps a fixed number of boundaries: the unused entr
 segments, which the varlen kernels skip. The kernels are launched with the ``max_seqlen`` fixed at capture,
 an upper bound on every segment's length.
 
-Only the blocks are captured; the stem (patch embedding, position tables, prefix tokens) and the outputs run
-eagerly around them, since they depend on the image sizes in ways a fixed graph cannot follow. Replay is used
-only with gradients disabled, in eval mode (a replay records no autograd history); anything a graph cannot serve (more tokens than the largest budget,
-more segments than captured, a longer segment, kept intermediate layers) runs eagerly with the same result.
+Only the blocks are captured at a budget; the stem (patch embedding, position tables, prefix tokens) and the
+outputs run eagerly around them, since they depend on the image sizes in ways a fixed graph cannot follow.
+Where one batch shape repeats (a fixed serving resolution), :class:`BatchGraphs` captures the whole forward for
+that exact ``grid_thw``, stem and outputs included, so a call is one copy in, one launch and one copy out.
+Replay is used only with gradients disabled, in eval mode (a replay records no autograd history); anything a
+graph cannot serve (more tokens than the largest budget, more segments than captured, a longer segment, kept
+intermediate layers) runs eagerly with the same result.
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .layers import BlockContext
-from .packing import Segments
+from .packing import Packing, Segments
 
-__all__ = ["BlockGraphs", "ModuleSnapshot", "StaticBatch"]
+__all__ = ["BatchGraphs", "BlockGraphs", "ModuleSnapshot", "StaticBatch"]
 
 RunBlocks = Callable[[Tensor, BlockContext], Tensor]
+RunForward = Callable[[Tensor, Packing], Tensor]
 
 
 class ModuleSnapshot:
@@ -157,6 +162,7 @@ class BlockGraphs:
         make_batch: Callable[[int], StaticBatch],
         backend: str,
         warmup: int = 2,
+        pool: tuple[int, int] | None = None,
     ) -> BlockGraphs:
         """Capture ``run`` over the buffers of every budget, largest first so smaller ones reuse its memory.
 
@@ -167,26 +173,16 @@ class BlockGraphs:
             backend: a device-side attention backend (``"fa4"``, ``"fa3"``, ``"flash_attn"``, ``"torch"``).
             warmup: eager runs before each capture (kernels compiled on first use, e.g. FA4's, must not
                 compile inside the capture).
+            pool: the memory pool to capture into (default: a new one); graphs that never replay at the same
+                time may share one.
         """
-        if backend == "sdpa":
-            raise ValueError(
-                "CUDA graphs need a GPU attention kernel (fa4, fa3, flash_attn or torch); the sdpa reference "
-                "splits segments on the host, which a graph cannot replay"
-            )
+        _refuse_host_attention(backend)
         batches, graphs, outputs = [], [], []
-        pool = torch.cuda.graph_pool_handle()
+        pool = torch.cuda.graph_pool_handle() if pool is None else pool
         for budget in sorted(set(budgets), reverse=True):
             batch = make_batch(budget)
             ctx = batch.context(backend)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(warmup):
-                    run(batch.x, ctx)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), torch.no_grad():
-                out = run(batch.x, ctx)
+            graph, out = _captured(lambda: run(batch.x, ctx), warmup, pool)  # noqa: B023 (called at once)
             batches.append(batch)
             graphs.append(graph)
             outputs.append(out)
@@ -206,3 +202,94 @@ class BlockGraphs:
                 # The output buffer is overwritten by the next replay; the caller gets its own copy.
                 return out[: x.shape[0]].clone()
         return None
+
+
+class BatchGraph(NamedTuple):
+    """One batch shape's whole-forward graph, its input and output buffers, and the packing it reads."""
+
+    patches: Tensor
+    graph: torch.cuda.CUDAGraph
+    output: Tensor
+    packing: Packing  # kept alive: the graph reads its device tensors and the tables in its memo
+
+
+class BatchGraphs:
+    """Captured replays of a model's whole forward, one per exact batch shape (``grid_thw``).
+
+    Build it with :meth:`capture`; where :meth:`serves` a batch, call it with the batch's patches and packing
+    to get the forward's output.
+    """
+
+    def __init__(self, entries: dict[tuple, BatchGraph], backend: str) -> None:
+        self.entries, self.backend = entries, backend
+
+    @property
+    def grids(self) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+        return tuple(self.entries)
+
+    @classmethod
+    def capture(
+        cls,
+        run: RunForward,
+        packings: Sequence[Packing],
+        patch_dim: int,
+        dtype: torch.dtype,
+        backend: str,
+        warmup: int = 2,
+        pool: tuple[int, int] | None = None,
+    ) -> BatchGraphs:
+        """Capture ``run`` over a fixed patch buffer for every packing.
+
+        Args:
+            run: the forward, ``(patches, packing) -> output``; the packing's device tensors and the tables it
+                keeps (``memo``) are read by the graph, so the packing is kept with it.
+            packings: one per batch shape.
+            patch_dim, dtype: of the patch buffer (a forward's patches are copied in, cast as the eager
+                forward casts them).
+            backend, warmup, pool: as for :meth:`BlockGraphs.capture`.
+        """
+        _refuse_host_attention(backend)
+        pool = torch.cuda.graph_pool_handle() if pool is None else pool
+        entries = {}
+        for packing in packings:
+            patches = torch.zeros(packing.num_patches, patch_dim, dtype=dtype, device=packing.device)
+            # The warm-up runs also fill the packing's memo outside the graph's memory pool.
+            graph, out = _captured(lambda: run(patches, packing), warmup, pool)  # noqa: B023 (called at once)
+            entries[packing.grid] = BatchGraph(patches, graph, out, packing)
+        return cls(entries, backend)
+
+    def serves(self, packing: Packing, backend: str) -> bool:
+        """Whether a graph was captured for this batch shape with this attention backend."""
+        return backend == self.backend and packing.grid in self.entries
+
+    def __call__(self, patches: Tensor, packing: Packing) -> Tensor:
+        entry = self.entries[packing.grid]
+        entry.patches.copy_(patches)
+        with torch.cuda.device(entry.output.device):  # a graph replays on the current device's stream
+            entry.graph.replay()
+        return entry.output.clone()  # the next replay overwrites the output buffer
+
+
+def _refuse_host_attention(backend: str) -> None:
+    if backend == "sdpa":
+        raise ValueError(
+            "CUDA graphs need a GPU attention kernel (fa4, fa3, flash_attn or torch); the sdpa reference "
+            "splits segments on the host, which a graph cannot replay"
+        )
+
+
+def _captured(
+    run: Callable[[], Tensor], warmup: int, pool: tuple[int, int]
+) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """``run`` captured as a graph into ``pool`` after ``warmup`` eager runs on a side stream (kernels compiled
+    on first use, e.g. FA4's, and caches filled on first use must not be made inside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(warmup):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool), torch.no_grad():
+        out = run()
+    return graph, out

@@ -9,7 +9,7 @@ import torch
 
 import packvit_native as pv
 from packvit_native.attention import available_backends
-from packvit_native.graphs import ModuleSnapshot, StaticBatch
+from packvit_native.graphs import BatchGraphs, ModuleSnapshot, StaticBatch
 from packvit_native.layers import BlockContext
 
 CASES = [
@@ -123,7 +123,58 @@ def test_capture_graphs_says_what_it_needs(tiny_reference):
             model.capture_graphs(bad)
     with pytest.raises(ValueError, match="max_segments"):
         model.capture_graphs([128], max_segments=0)
+    with pytest.raises(ValueError, match="CUDA device"):
+        model.capture_graphs(batches=[[(1, 2, 2)]])
+    with pytest.raises(ValueError, match="grid_thw"):
+        model.capture_graphs(batches=[[(1, 0, 2)]])
     assert model.capture_graphs([]) is model  # releasing nothing is fine anywhere
+    assert model.capture_graphs() is model
+
+
+@pytest.mark.parametrize(("family", "variant", "batches"), CASES)
+def test_a_batch_graph_captures_the_default_forward(tiny_reference, family, variant, batches):
+    """What a batch shape's graph captures, run eagerly, is the default forward's output bit for bit."""
+    model = pv.from_pretrained(tiny_reference(family, variant), attn_backend="sdpa").eval()
+    for grid in batches:
+        patches = torch.randn(sum(t * h * w for t, h, w in grid), model.config.patch_dim)
+        with torch.no_grad():
+            expected = model(patches, grid)
+            captured = model._final_patch_tokens(patches, model.pack(grid), "sdpa")
+        assert torch.equal(captured, expected)
+
+
+def test_batch_graphs_serve_only_the_default_output(tiny_reference):
+    """A batch shape's graph returns the final patch tokens; every other request, a gradient or another
+    backend runs the forward (or the block graphs) instead."""
+    model = pv.from_pretrained(tiny_reference("dinov3", "gelu"), attn_backend="sdpa").eval()
+    grid, patches = [(1, 3, 4), (1, 1, 1)], torch.randn(13, model.config.patch_dim)
+    replays = []
+
+    class Recording(BatchGraphs):
+        def __call__(self, patches, packing):
+            replays.append(packing.grid)
+            return model._final_patch_tokens(patches, packing, "sdpa")
+
+    model._batch_graphs = Recording({model.pack(grid).grid: None}, "sdpa")
+    model._graph_model = ModuleSnapshot(model)
+    with torch.no_grad():
+        for kwargs in ({}, {"apply_final_norm": True}):
+            model(patches, grid, **kwargs)
+        assert len(replays) == 2
+        for kwargs in (
+            {"return_dict": True},
+            {"output_layers": -1},
+            {"return_prefix": True},
+            {"apply_final_norm": False},
+        ):
+            model(patches, grid, **kwargs)
+        model(patches[:12], [(1, 3, 4)])  # another batch shape
+        assert not model._batch_graphs.serves(model.pack(grid), "torch")  # another backend
+    model(patches, grid)  # gradients enabled
+    assert len(replays) == 2
+    model.to(torch.float64)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="capture_graphs"):
+        model(patches.double(), grid)
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -157,6 +208,39 @@ def test_replayed_graphs_match_the_eager_forward(tiny_reference, family, variant
         model.to(torch.float32)
         with pytest.raises(RuntimeError, match="capture_graphs"):
             model(p.float(), too_big)
+
+
+@needs_gpu
+@pytest.mark.parametrize(("family", "variant", "batches"), CASES)
+def test_replayed_batch_graphs_match_the_eager_forward(tiny_reference, family, variant, batches, monkeypatch):
+    backend = available_backends("cuda")[0]
+    model = pv.from_pretrained(
+        tiny_reference(family, variant), device="cuda", dtype=torch.bfloat16, attn_backend=backend
+    ).eval()
+    inputs = [
+        torch.randn(sum(t * h * w for t, h, w in g), model.config.patch_dim, device="cuda") for g in batches
+    ]
+    replays = []
+    real_call = BatchGraphs.__call__
+    monkeypatch.setattr(
+        BatchGraphs, "__call__", lambda self, p, k: replays.append(k.grid) or real_call(self, p, k)
+    )
+    with torch.no_grad():
+        eager = [model(p, g) for p, g in zip(inputs, batches, strict=True)]
+        model.capture_graphs([256], batches=batches, max_segments=8)
+        assert model._batch_graphs.grids == tuple(model.pack(g).grid for g in batches)
+        for _ in range(2):  # the second round replays over buffers the first one dirtied
+            outs = [model(p, g) for p, g in zip(inputs, batches, strict=True)]
+            for out, ref in zip(outs, eager, strict=True):
+                torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        assert len(replays) == 2 * len(batches)
+        assert outs[0].data_ptr() != model(inputs[0], batches[0]).data_ptr()  # each call gets its own copy
+        doubled = model(inputs[0] * 2, batches[0])  # the patches are copied in on every call
+        torch.testing.assert_close(doubled.float(), model(inputs[0] * 2, batches[0], return_dict=True)
+                                   .last_hidden_state.float(), rtol=2e-2, atol=2e-2)  # fmt: skip
+        model.to(torch.float32)
+        with pytest.raises(RuntimeError, match="capture_graphs"):
+            model(inputs[0].float(), batches[0])
 
 
 def test_graphs_replay_only_where_no_gradient_is_recorded(tiny_reference):

@@ -119,3 +119,28 @@ def test_weights_of_one_byte_or_integers_are_refused(model_dir, tmp_path, no_net
     save_file(state, folder / "model.safetensors")
     with pytest.raises(pv.CheckpointError, match=f"{key} is {dtype}; checkpoints hold float32"):
         pv.from_pretrained(folder)
+
+
+def test_save_pretrained_refuses_a_state_dict_that_does_not_fit(model_dir, tmp_path, no_network):
+    """Weights given to save_pretrained are checked against the model before anything is written: a wrapper's
+    prefix, a wrong shape or integer weights would replace a good checkpoint with one nothing can load."""
+    model = pv.from_pretrained(model_dir)
+    out = model.save_pretrained(tmp_path / "out")
+    good = model.state_dict()
+    key = "blocks.0.attn.qkv.weight"
+    bad = [
+        ({f"module.{k}": v for k, v in good.items()}, "strip the module. prefix"),
+        ({**good, key: good[key][:-1]}, f"{key} has shape"),
+        ({**good, key: good[key].int()}, f"{key} is torch.int32"),
+        ({k: v for k, v in good.items() if k != key}, "missing"),
+        ({k: v.tolist() for k, v in good.items()}, "dict of tensors"),
+    ]
+    before = (out / "model.safetensors").read_bytes()
+    for state, match in bad:
+        with pytest.raises(ValueError, match=match):
+            model.save_pretrained(out, force=True, state_dict=state)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    halved = {k: v * 0.5 for k, v in good.items()}
+    saved = pv.from_pretrained(model.save_pretrained(out, force=True, state_dict=halved)).state_dict()
+    assert saved.keys() == halved.keys() and all(torch.equal(saved[k], halved[k]) for k in halved)
