@@ -255,7 +255,11 @@ class Backend:
     def is_available(self, device: torch.device) -> bool:
         if self.min_capability is None:
             return True
-        if device.type != "cuda" or _capability(device) < self.min_capability:
+        if (
+            device.type != "cuda"
+            or not torch.cuda.is_available()
+            or _capability(device) < self.min_capability
+        ):
             return False
         return _importable(self.module)
 
@@ -334,4 +338,10 @@ def varlen_attention(
     Returns:
         ``[Tq, H, D]``.
     """
-    return BACKENDS[backend].fn(q, k, v, q_segments, k_segments, scale)
+    chosen = BACKENDS.get(backend)
+    if chosen is None:
+        raise ValueError(
+            f"unknown attention backend {backend!r}: pass one of {sorted(BACKENDS)} (resolve_backend picks one "
+            "for a device, 'auto' included)"
+        )
+    return chosen.fn(q, k, v, q_segments, k_segments, scale)

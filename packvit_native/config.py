@@ -227,7 +227,8 @@ class EncoderConfig:
     @property
     def fixed_size(self) -> tuple[int, int] | None:
         """``(rows, cols)`` in patches if the model runs at one size only (a learned table it cannot resize)."""
-        return self.pos_grid if self.pos_embed == "learned" and self.pos_resize == "none" else None
+        fixed = self.pos_embed == "learned" and self.pos_resize == "none"
+        return tuple(self.pos_grid) if fixed else None  # a list when the config was built in Python
 
     @property
     def merge_fixed(self) -> bool:

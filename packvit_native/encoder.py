@@ -513,7 +513,7 @@ class PackedVisionEncoder(nn.Module):
         # Without return_dict only the picked layers are returned: the later blocks would be wasted work.
         depth = max(picks) if picks is not None and not return_dict else n
         single = isinstance(output_layers, Integral) or (
-            isinstance(output_layers, Tensor) and output_layers.ndim == 0
+            isinstance(output_layers, (Tensor, np.ndarray)) and output_layers.ndim == 0
         )
         return _Request(return_dict, picks, single, keep, depth, apply_final_norm, return_prefix)
 

@@ -204,6 +204,8 @@ def from_pretrained(
         ValueError: an argument is invalid (checked before the checkpoint is looked up).
     """
     _check_options(attn_backend, patch_layout, pos_resize, merge_size, device, dtype, precision)
+    if not isinstance(src, (str, os.PathLike)):
+        raise ValueError(f"src must be a hub id or a folder path, got {type(src).__name__}")
     path = locate(src, CONFIG_PATTERNS)  # a hub id: the configs first, to learn what else to fetch
     if is_native_dir(path):
         path = snapshot_of(src, path)()

@@ -12,6 +12,8 @@ The earlier names ``"cpp"`` and ``"ppc"`` are accepted for the two.
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 from torch import Tensor
 
@@ -19,6 +21,12 @@ from .config import patch_layout_name
 from .packing import check_merge_size, validate_grid_thw
 
 __all__ = ["patch_weight_layout", "patchify", "unpatchify"]
+
+
+def _check_sizes(patch_size: int, temporal_patch_size: int) -> None:
+    for name, value in (("patch_size", patch_size), ("temporal_patch_size", temporal_patch_size)):
+        if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _frames(image: Tensor, i: int, temporal: int) -> Tensor:
@@ -74,10 +82,16 @@ def patchify(
     if not images:
         raise ValueError("no images to patchify")
     p, m, tp = patch_size, merge_size, temporal_patch_size
-    chunks, grid = [], []
+    _check_sizes(p, tp)
+    chunks, grid, channels = [], [], None
     for i, image in enumerate(images):
         frames = _frames(image, i, tp)
         f, c, hh, ww = frames.shape
+        channels = c if channels is None else channels
+        if c != channels:
+            raise ValueError(
+                f"image {i} has {c} channels and image 0 {channels}; a batch has one channel count"
+            )
         if hh % p or ww % p or hh == 0 or ww == 0:
             raise ValueError(
                 f"image {i} is {hh}x{ww} pixels, which is not a positive multiple of patch size {p}"
@@ -109,6 +123,11 @@ def unpatchify(
             f"patches {tuple(patches.shape)} do not match grid_thw ({sum(t * h * w for t, h, w in grid)} patches)"
         )
     p, m, tp = patch_size, merge_size, temporal_patch_size
+    _check_sizes(p, tp)
+    if patches.shape[1] % (tp * p * p):
+        raise ValueError(
+            f"patches have {patches.shape[1]} values each, not a whole number of channels of T*p*p = {tp}*{p}*{p}"
+        )
     out, start = [], 0
     for t, h, w in grid:
         n = t * h * w

@@ -78,6 +78,39 @@ def test_patchify_rejects_bad_images():
         pv.patchify([], 4)
     with pytest.raises(ValueError, match="layout"):
         pv.patchify([torch.randn(3, 8, 8)], 4, layout="pch")
+    with pytest.raises(ValueError, match="image 1 has 1 channels and image 0 3"):
+        pv.patchify([torch.randn(3, 8, 8), torch.randn(1, 8, 8)], 4)
+    for bad in (0, -4, 2.0):
+        with pytest.raises(ValueError, match="patch_size must be a positive integer"):
+            pv.patchify([torch.randn(3, 8, 8)], bad)
+    patches, grid = pv.patchify([torch.randn(3, 8, 8)], 4)
+    with pytest.raises(ValueError, match="not a whole number of channels"):
+        pv.unpatchify(patches, grid, 4, temporal_patch_size=5)
+
+
+def test_odd_but_valid_forms_of_arguments(model):
+    """A 0-d array of output_layers is one layer, as an int is; a config built in Python with a list for its
+    position grid runs; a backend name a kernel table does not know is one line, as is a None checkpoint."""
+    import numpy as np
+
+    from packvit_native.packing import Segments
+
+    patches, grid = torch.randn(4, 48), [(1, 2, 2)]
+    with torch.no_grad():
+        assert isinstance(model(patches, grid, output_layers=np.array(1)), torch.Tensor)
+    cfg = EncoderConfig(
+        family="siglip", patch_size=4, hidden_size=32, num_layers=1, num_heads=2, mlp_hidden=64,
+        pos_embed="learned", pos_grid=[2, 2], pos_resize="none",
+    )  # fmt: skip
+    with torch.no_grad():
+        assert pv.PackedVisionEncoder(cfg, attn_backend="sdpa")(patches, grid).shape == (4, 32)
+    q = torch.randn(4, 2, 8)
+    segments = Segments.from_lengths((4,), torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown attention backend 'auto'"):
+        pv.varlen_attention(q, q, q, segments, segments, "auto", 1.0)
+    with pytest.raises(ValueError, match="hub id or a folder path"):
+        pv.from_pretrained(None)
+    assert isinstance(pv.available_backends("cuda"), list)  # a CPU build has no CUDA backend, and says so
 
 
 def test_config_rejects_inconsistencies_and_unknown_fields(tmp_path):
