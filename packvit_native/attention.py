@@ -39,7 +39,14 @@ from torch import Tensor
 
 from .packing import Segments
 
-__all__ = ["BACKENDS", "available_backends", "define_varlen_op", "resolve_backend", "varlen_attention"]
+__all__ = [
+    "BACKENDS",
+    "attend",
+    "available_backends",
+    "define_varlen_op",
+    "resolve_backend",
+    "varlen_attention",
+]
 
 # q, k, v: [T, H, D]; returns [Tq, H, D].
 AttentionFn = Callable[[Tensor, Tensor, Tensor, Segments, Segments, float], Tensor]
@@ -337,7 +344,34 @@ def varlen_attention(
 
     Returns:
         ``[Tq, H, D]``.
+
+    Raises:
+        ValueError: the segments do not cover the rows exactly (rows outside every segment would come back
+            uninitialised), the shapes disagree, or the backend is unknown. Checked on the host, from the
+            segments' lengths.
     """
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3 or k.shape[:2] != v.shape[:2] or q.shape[1:] != k.shape[1:]:
+        raise ValueError(
+            f"q, k, v must be [T, H, D] with k and v of one length and q and k of one head shape; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    for name, x, segments in (("q", q, q_segments), ("k", k, k_segments)):
+        if segments.total != x.shape[0]:
+            raise ValueError(f"{name}_segments cover {segments.total} rows but {name} has {x.shape[0]}")
+    if len(q_segments.lengths) != len(k_segments.lengths):
+        raise ValueError(
+            f"q_segments has {len(q_segments.lengths)} segments and k_segments {len(k_segments.lengths)}; "
+            "query segment i attends over key segment i"
+        )
+    return attend(q, k, v, q_segments, k_segments, backend, scale)
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, q_segments: Segments, k_segments: Segments, backend: str, scale: float
+) -> Tensor:
+    """:func:`varlen_attention` without its input checks, for the model's own layers: their segments come from
+    the packing their tokens were laid out by (or, replayed from a CUDA graph, carry no host-side lengths),
+    and a check per layer would read host state inside every compiled block."""
     chosen = BACKENDS.get(backend)
     if chosen is None:
         raise ValueError(

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import varlen_attention
+from .attention import attend
 from .config import EncoderConfig
 from .layers import Mlp, make_norm
 from .packing import Packing, Segments, _to_device
@@ -64,7 +64,7 @@ class _QueryPool(nn.Module):
         q_segments = Segments.from_lengths((1,) * s, x.device)
         q = query.reshape(1, self.num_heads, self.head_dim).expand(s, -1, -1).contiguous()  # [S, H, Dh]
         k, v = self.kv(x).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(1)  # [T, H, Dh] each
-        out = varlen_attention(q, k, v, q_segments, packing.frames, backend, self.scale)  # [S, H, Dh]
+        out = attend(q, k, v, q_segments, packing.frames, backend, self.scale)  # [S, H, Dh]
         return out.flatten(1)  # [S, D]
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import fused
-from .attention import varlen_attention
+from .attention import attend
 from .config import EncoderConfig
 from .packing import Segments
 from .rope_kernel import fused_rope_available, rope_fused
@@ -239,7 +239,7 @@ class Attention(nn.Module):
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         segments = ctx.segmentations[self.segmentation]
-        out = varlen_attention(q, k, v, segments, segments, ctx.backend, self.scale)  # [T, H, Dh]
+        out = attend(q, k, v, segments, segments, ctx.backend, self.scale)  # [T, H, Dh]
         return self.proj(out.flatten(1))  # [T, D]
 
 

@@ -108,6 +108,15 @@ def test_odd_but_valid_forms_of_arguments(model):
     segments = Segments.from_lengths((4,), torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown attention backend 'auto'"):
         pv.varlen_attention(q, q, q, segments, segments, "auto", 1.0)
+    for lengths, match in (((3,), "cover 3 rows but q has 4"), ((2, 3), "cover 5 rows")):
+        short = Segments.from_lengths(lengths, torch.device("cpu"))
+        with pytest.raises(ValueError, match=match):
+            pv.varlen_attention(q, q, q, short, short, "sdpa", 1.0)
+    two = Segments.from_lengths((1, 1), torch.device("cpu"))
+    with pytest.raises(ValueError, match="q_segments has 2 segments and k_segments 1"):
+        pv.varlen_attention(q[:2], q, q, two, segments, "sdpa", 1.0)
+    with pytest.raises(ValueError, match=r"\[T, H, D\]"):
+        pv.varlen_attention(q, q, q[:3], segments, segments, "sdpa", 1.0)
     with pytest.raises(ValueError, match="hub id or a folder path"):
         pv.from_pretrained(None)
     assert isinstance(pv.available_backends("cuda"), list)  # a CPU build has no CUDA backend, and says so
