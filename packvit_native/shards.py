@@ -151,6 +151,7 @@ _RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
 
 # A typo such as {0..99999999} would otherwise build a list of a hundred million paths before anything is checked.
 MAX_EXPANDED = 1_000_000
+MAX_BRACES = 200  # brace groups in one pattern: each is a level of the expansion's recursion
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -158,10 +159,11 @@ def expand_braces(pattern: str) -> list[str]:
     shell does: ``data/{0..1}-{a,b}.tar`` -> ``data/0-a.tar, data/0-b.tar, data/1-a.tar, data/1-b.tar``.
     ``ValueError`` for a malformed brace or a pattern naming more than ``MAX_EXPANDED`` paths (found while
     expanding lazily, before more than that many are built)."""
-    try:
-        paths = list(itertools.islice(_expand(pattern), MAX_EXPANDED + 1))
-    except RecursionError:  # each brace is one level of the expansion
-        raise ValueError(f"{pattern[:80]}...: too many braces in one pattern") from None
+    # Each brace is one level of the expansion: a bound of our own, not the interpreter's recursion limit
+    # (which libraries raise), keeps the refusal the same wherever it runs.
+    if pattern.count("{") > MAX_BRACES:
+        raise ValueError(f"{pattern[:80]}...: too many braces in one pattern (at most {MAX_BRACES})")
+    paths = list(itertools.islice(_expand(pattern), MAX_EXPANDED + 1))
     if len(paths) > MAX_EXPANDED:
         raise ValueError(f"{pattern}: names more than {MAX_EXPANDED:,} paths; split the run")
     return paths
