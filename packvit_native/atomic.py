@@ -393,7 +393,15 @@ def _fill_and_place(
     with _ctrl_c_deferred(f"{out} was written in full before the interrupt"):
         old = _place(tmp, out, force)
         if old is not None and not_replaceable is not None and (reason := not_replaceable(old)):
-            _put_back(old, out)
+            try:
+                _put_back(old, out)
+            except OSError as e:  # old holds the user's files: out of the temporary's way before cleanup
+                kept = out.parent / f"{out.name}.kept-{secrets.token_hex(4)}"
+                os.rename(old, kept)
+                raise FileExistsError(
+                    f"{out} {reason}; the new folder is in place and the previous one could not be put back "
+                    f"({e.strerror or e}): it is kept as {kept}"
+                ) from None
             raise FileExistsError(
                 f"{out} {reason}: files were added to it while the new one was being written; it is left as "
                 "it was"

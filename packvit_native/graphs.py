@@ -259,8 +259,12 @@ class BatchGraphs:
         return cls(entries, backend)
 
     def serves(self, packing: Packing, backend: str) -> bool:
-        """Whether a graph was captured for this batch shape with this attention backend."""
-        return backend == self.backend and packing.grid in self.entries
+        """Whether a graph was captured for this batch shape with this attention backend (and the forward is
+        not under autocast, which the capture ran without)."""
+        device = packing.device.type
+        return (
+            backend == self.backend and packing.grid in self.entries and not torch.is_autocast_enabled(device)
+        )
 
     def __call__(self, patches: Tensor, packing: Packing) -> Tensor:
         entry = self.entries[packing.grid]

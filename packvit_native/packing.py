@@ -324,7 +324,7 @@ class Packing:
             raise ValueError(
                 f"window_size must be a non-negative multiple of merge_size, got {window_size!r}"
             )
-        if not isinstance(num_prefix, int) or isinstance(num_prefix, bool) or num_prefix < 0:
+        if not isinstance(num_prefix, Integral) or isinstance(num_prefix, bool) or num_prefix < 0:
             raise ValueError(f"num_prefix must be a non-negative integer, got {num_prefix!r}")
         if window_size and num_prefix:
             raise ValueError("attention windows and prefix tokens cannot be combined")

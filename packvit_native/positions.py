@@ -108,9 +108,10 @@ class Positions(nn.Module):
     def forward(self, packing: Packing, dtype: torch.dtype) -> PositionTerms:
         """Position terms of ``packing``'s batch; rotary angles come in ``dtype`` (fp32 with ``rope_fp32``)."""
         additive = None
-        if self._additive is not None:
-            tables = [self._additive(h, w, packing.device) for h, w in packing.distinct_sizes]
-            additive = torch.cat(tables).index_select(0, packing.size_table_rows)  # [N, D]
+        if self.config.pos_embed == "sincos2d":
+            additive = self._sincos_of(packing)
+        elif self._additive is not None:
+            additive = self._gathered(packing)
         rotary = None
         if self._coords is not None:
             rotary = self._rotary_of(packing, torch.float32 if self.config.rope_fp32 else dtype)
@@ -141,6 +142,23 @@ class Positions(nn.Module):
         else:
             out = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=True)
         return out.flatten(2)[0].T  # [h*w, D]
+
+    def _gathered(self, packing: Packing) -> Tensor:
+        tables = [self._additive(h, w, packing.device) for h, w in packing.distinct_sizes]
+        return torch.cat(tables).index_select(0, packing.size_table_rows)  # [N, D]
+
+    def _sincos_of(self, packing: Packing) -> Tensor:
+        """The fixed sin-cos term, kept on the packing from its second eval-mode use, as the rotary tables are.
+        Besides saving work, a CUDA graph captured over the packing then reads a tensor the packing keeps
+        alive, not one of the shared table cache's, which later sizes may evict and free."""
+        if self.training:
+            return self._gathered(packing)
+        key = ("sincos", self.config.hidden_size, torch.is_inference_mode_enabled())
+        term = packing.memo.get(key)
+        if term is None:
+            term = self._gathered(packing)
+            packing.memo[key] = term if key in packing.memo else None
+        return term
 
     def _sincos(self, h: int, w: int, device: torch.device) -> Tensor:
         return _sincos_table(h, w, self.config.hidden_size, SINCOS_TEMPERATURE, device)

@@ -455,3 +455,22 @@ def test_a_group_shared_parent_keeps_its_setgid_bit(tmp_path):
         pytest.skip("this file system does not pass a folder's setgid bit on to new folders")
     atomic.replace_dir(shared / "out", _fill("a"))
     assert (shared / "out").stat().st_mode & 0o2000
+
+
+def test_a_failed_swap_back_keeps_the_folder_with_the_added_files(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    atomic.replace_dir(out, _fill("a"))
+
+    def fill_while_someone_writes(folder):
+        _fill("b")(folder)
+        (out / "NOTES.md").write_text("mine")
+
+    def put_back_fails(old, out):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(atomic, "_put_back", put_back_fails)
+    with pytest.raises(FileExistsError, match=r"could not be put back .*kept as"):
+        atomic.replace_dir(out, fill_while_someone_writes, force=True, not_replaceable=_refuse_notes)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.kept-")]
+    assert len(kept) == 1 and (kept[0] / "NOTES.md").read_text() == "mine"
+    assert (out / "config.json").read_text() == "b"

@@ -559,6 +559,7 @@ def test_a_written_checkpoint_is_exit_0_even_where_the_report_cannot_be_printed(
     """OUT is in place before the report is printed: stdout on a full disk (or a closed pipe) changes nothing."""
     src = tiny_reference("dinov3", "gelu")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("PYTHONUNBUFFERED", None)  # stdout block-buffered, as in a pipe: the failure comes at the flush
     with open("/dev/full", "w") as full:
         run = subprocess.run(
             [sys.executable, "-m", "weights_convert.cli", str(src), str(tmp_path / "out")],

@@ -169,6 +169,8 @@ def test_batch_graphs_serve_only_the_default_output(tiny_reference):
         ):
             model(patches, grid, **kwargs)
         model(patches[:12], [(1, 3, 4)])  # another batch shape
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # captured without autocast: not replayed under it
+            model(patches, grid)
         assert not model._batch_graphs.serves(model.pack(grid), "torch")  # another backend
     model(patches, grid)  # gradients enabled
     assert len(replays) == 2
@@ -210,8 +212,28 @@ def test_replayed_graphs_match_the_eager_forward(tiny_reference, family, variant
             model(p.float(), too_big)
 
 
+def test_the_sincos_term_a_graph_reads_is_kept_by_the_packing(tiny_reference):
+    """AIMv2's fixed sin-cos tables come from a cache shared by all sizes, which evicts; a whole-forward graph
+    must read a copy its packing keeps, made by the second eval-mode use (the capture's warm-up)."""
+    from packvit_native import positions
+
+    model = pv.from_pretrained(tiny_reference("aimv2", "native"), attn_backend="sdpa").eval()
+    grid, patches = [(1, 3, 4), (1, 2, 2)], torch.randn(16, model.config.patch_dim)
+    packing = model.pack(grid)
+    with torch.no_grad():
+        first = model(patches, packing=packing)
+        model(patches, packing=packing)
+        kept = [v for k, v in packing.memo.items() if k[0] == "sincos" and v is not None]
+        assert len(kept) == 1
+        positions._sincos_table.cache_clear()
+        assert model.positions(packing, torch.float32).additive is kept[0]
+        assert torch.equal(model(patches, packing=packing), first)
+
+
 @needs_gpu
-@pytest.mark.parametrize(("family", "variant", "batches"), CASES)
+@pytest.mark.parametrize(
+    ("family", "variant", "batches"), [*CASES, ("aimv2", "native", [[(1, 3, 4), (1, 2, 2)], [(1, 5, 5)]])]
+)
 def test_replayed_batch_graphs_match_the_eager_forward(tiny_reference, family, variant, batches, monkeypatch):
     backend = available_backends("cuda")[0]
     model = pv.from_pretrained(

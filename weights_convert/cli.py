@@ -146,6 +146,7 @@ def _report(out: Path, config: EncoderConfig, params: int, dropped: dict) -> Non
     if dropped:
         print(describe_dropped(dropped))
     print(f"wrote {out}/config.json and {out}/model.safetensors")
+    sys.stdout.flush()  # a closed pipe fails here, inside the caller's try, not at interpreter exit
     if others := left_by_other_hosts(out.parent, out.name):
         print(
             f"packvit-convert: note: {', '.join(p.name for p in others)} in {out.parent}: left by a run on another "
