@@ -204,7 +204,7 @@ class PackedVisionEncoder(nn.Module):
             ``state_dict`` loaded in place is fine). ``capture_graphs()`` with neither budgets nor batches
             releases the graphs and their memory.
         """
-        self._graphs, self._graph_blocks, self._batch_graphs, self._graph_model = None, None, None, None
+        self._release_graphs()
         budgets, batches = tuple(budgets), tuple(batches)
         if not budgets and not batches:
             return self
@@ -236,16 +236,25 @@ class PackedVisionEncoder(nn.Module):
         # are made outside inference mode, so forwards in any mode can copy into them.
         with torch.cuda.device(self.device), torch.inference_mode(False):
             pool = torch.cuda.graph_pool_handle()
-            if budgets:
-                self._graphs = BlockGraphs.capture(self._all_blocks, budgets, make_batch, backend, pool=pool)
-                self._graph_blocks = ModuleSnapshot(self.blocks)
-            if packings:
-                run = functools.partial(self._final_patch_tokens, backend=backend)
-                self._batch_graphs = BatchGraphs.capture(
-                    run, packings, c.patch_dim, dtype, backend, pool=pool
-                )
-                self._graph_model = ModuleSnapshot(self)
+            try:
+                if budgets:
+                    self._graphs = BlockGraphs.capture(
+                        self._all_blocks, budgets, make_batch, backend, pool=pool
+                    )
+                    self._graph_blocks = ModuleSnapshot(self.blocks)
+                if packings:
+                    run = functools.partial(self._final_patch_tokens, backend=backend)
+                    self._batch_graphs = BatchGraphs.capture(
+                        run, packings, c.patch_dim, dtype, backend, pool=pool
+                    )
+                    self._graph_model = ModuleSnapshot(self)
+            except BaseException:  # all or nothing: no part of a failed capture stays installed
+                self._release_graphs()
+                raise
         return self
+
+    def _release_graphs(self) -> None:
+        self._graphs, self._graph_blocks, self._batch_graphs, self._graph_model = None, None, None, None
 
     def _all_blocks(self, x: Tensor, ctx: BlockContext) -> Tensor:
         for block in self.blocks:

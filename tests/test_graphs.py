@@ -283,3 +283,17 @@ def test_graphs_replay_only_where_no_gradient_is_recorded(tiny_reference):
     with torch.no_grad():
         model(patches, grid)
     assert len(replays) == 1
+
+
+@needs_gpu
+def test_a_failed_capture_leaves_no_graphs_installed(tiny_reference, monkeypatch):
+    backend = available_backends("cuda")[0]
+    model = pv.from_pretrained(tiny_reference("dinov3", "gelu"), device="cuda", attn_backend=backend).eval()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(BatchGraphs, "capture", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        model.capture_graphs([64], batches=[[(1, 2, 2)]])
+    assert model._graphs is None and model._batch_graphs is None
